@@ -1,0 +1,1 @@
+"""Model components: plain nn.Modules, no Lightning."""

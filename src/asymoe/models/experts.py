@@ -1,0 +1,110 @@
+"""Expert groups: E experts whose weights live in one 3-D tensor per projection.
+
+A group is built or not at construction; a built group runs every one of its experts in every
+forward, on however many tokens were routed to it (possibly none). An expert with no tokens then
+still contributes an exact-zero gradient, so every rank of a sharded run sees the same graph.
+
+Weight layout follows transformers' MoE modules (Mixtral/Qwen3-MoE): gate_up_proj (E, 2f, d) and
+down_proj (E, d, f), applied with F.linear, so weights copy across without transposes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+
+class ExpertGroup(nn.Module):
+    """Base class of an expert group.
+
+    Subclasses implement `expert_forward`; they may also
+    - `prepare(hidden, meta)`: per-token tensors the experts need besides the token itself
+      (returned as a dict of (tokens, ...) tensors, indexed together with the tokens);
+    - `logit_bias(extras)`: a (tokens,) bias added to this group's router logits;
+    - `aux_losses(...)`: auxiliary losses (see moe.MoEBlock).
+    """
+
+    num_experts: int
+
+    def prepare(self, hidden: torch.Tensor, meta: Any) -> dict[str, torch.Tensor]:
+        return {}
+
+    def logit_bias(self, extras: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return None
+
+    def aux_losses(
+        self, hidden: torch.Tensor, meta: Any, group_outputs: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Weighted auxiliary losses of this group for the current forward (default: none).
+
+        hidden (B, S, d) is the block input; group_outputs maps each group name of the block to its
+        routed output (B, S, d); meta is the batch's TokenMeta.
+        """
+        return {}
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        """Detached statistics of the last forward for TensorBoard (e.g. curvature)."""
+        return {}
+
+    def expert_forward(self, expert: int, tokens: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Output (n, d) of expert `expert` for tokens (n, d); every subclass defines it."""
+        raise NotImplementedError(type(self).__name__)
+
+    def expert_parameter_count(self) -> int:
+        """Parameters one expert uses for one token (for activated-parameter accounting)."""
+        return sum(p.numel() for p in self.parameters()) // max(self.num_experts, 1)
+
+    def dispatch(
+        self,
+        tokens: torch.Tensor,
+        expert_index: torch.Tensor,
+        expert_weight: torch.Tensor,
+        slot_mask: torch.Tensor,
+        extras: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Eager dropless dispatch: out[t] = sum over used slots s of w[t,s] * expert_{idx[t,s]}(x[t]).
+
+        tokens (T, d); expert_index (T, slots) local to this group (other groups' experts are -1);
+        expert_weight (T, slots); slot_mask (T, slots).
+        """
+        out = torch.zeros_like(tokens)
+        for expert in range(self.num_experts):
+            token_ids, slot_ids = torch.where((expert_index == expert) & slot_mask)
+            selected = {key: value[token_ids] for key, value in extras.items()}
+            expert_out = self.expert_forward(expert, tokens[token_ids], selected)  # (n, d)
+            weight = expert_weight[token_ids, slot_ids].unsqueeze(-1)
+            out.index_add_(0, token_ids, (expert_out * weight).to(out.dtype))
+        return out
+
+
+class FFNExperts(ExpertGroup):
+    """Gated (SwiGLU-style) FFN experts, as the Llama-family dense MLP they are upcycled from."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str = "silu"):
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.act_fn = ACT2FN[activation]
+        nn.init.normal_(self.gate_up_proj, std=hidden_size**-0.5)
+        nn.init.normal_(self.down_proj, std=intermediate_size**-0.5)
+
+    @torch.no_grad()
+    def upcycle_from(self, dense_mlp: nn.Module) -> None:
+        """Every expert becomes an exact copy of a Llama-family dense MLP."""
+        gate = dense_mlp.gate_proj.weight
+        up = dense_mlp.up_proj.weight
+        down = dense_mlp.down_proj.weight
+        assert gate.shape == (self.intermediate_size, self.hidden_size), "upcycling needs the dense FFN's width"
+        self.gate_up_proj.copy_(torch.cat([gate, up], dim=0).unsqueeze(0).expand_as(self.gate_up_proj))
+        self.down_proj.copy_(down.unsqueeze(0).expand_as(self.down_proj))
+
+    def expert_forward(self, expert: int, tokens: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
+        gate, up = F.linear(tokens, self.gate_up_proj[expert]).chunk(2, dim=-1)  # (n, f) each
+        return F.linear(self.act_fn(gate) * up, self.down_proj[expert])  # (n, d)
