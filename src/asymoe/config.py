@@ -447,8 +447,42 @@ def _validate_moe(cfg: Config, where: str) -> None:
         width = getattr(moe.groups, name).intermediate_size
         if width is not None and width <= 0:
             raise ConfigError(f"{where}: model.moe.groups.{name}.intermediate_size must be positive, got {width}")
+    for name in GROUP_NAMES:
+        group = getattr(moe.groups, name)
+        _choice(group.kind, f"model.moe.groups.{name}.kind", ("ffn", "evidence"), where)
+        _choice(group.geometry, f"model.moe.groups.{name}.geometry", ("euclidean", "lorentz", "poincare"), where)
+        if group.kind == "evidence" and name != "language":
+            raise ConfigError(f"{where}: model.moe.groups.{name}.kind='evidence' is only valid for the language group")
+        if group.geometry != "euclidean" and name != "shared":
+            raise ConfigError(
+                f"{where}: model.moe.groups.{name}.geometry='{group.geometry}' is only valid for the shared (inter-modality) group"
+            )
+        if not group.curvature > 0:
+            raise ConfigError(f"{where}: model.moe.groups.{name}.curvature must be > 0, got {group.curvature}")
+    evidence = moe.evidence
+    _choice(evidence.alpha, "model.moe.evidence.alpha", ("learned", "fixed"), where)
+    if not 0.0 < evidence.alpha_init < 1.0:
+        raise ConfigError(f"{where}: model.moe.evidence.alpha_init must be in (0, 1), got {evidence.alpha_init}")
+    hidden = cfg.model.language.hidden_size
+    if evidence.heads < 1 or (cfg.model.language.pretrained_path is None and hidden % evidence.heads):
+        raise ConfigError(
+            f"{where}: model.moe.evidence.heads={evidence.heads} must divide the language hidden size {hidden}"
+        )
+    geometry = moe.geometry_loss
+    _choice(geometry.text_source, "model.moe.geometry_loss.text_source", ("evidence", "shared"), where)
+    if not 0.0 < geometry.cone_k < 1.0:
+        raise ConfigError(f"{where}: model.moe.geometry_loss.cone_k must be in (0, 1), got {geometry.cone_k}")
+    if geometry.align_weight < 0 or geometry.order_weight < 0:
+        raise ConfigError(f"{where}: model.moe.geometry_loss weights must be >= 0")
     if not moe.enabled:
         return
+    if geometry.align_weight > 0 or geometry.order_weight > 0:
+        shared = moe.groups.shared
+        if shared.num_experts == 0 or shared.geometry == "euclidean":
+            raise ConfigError(
+                f"{where}: model.moe.geometry_loss needs a hyperbolic shared group "
+                "(model.moe.groups.shared.num_experts > 0 and geometry lorentz|poincare)"
+            )
     moe_layer_indices(moe.layers, cfg.model.language.num_layers if cfg.model.language.pretrained_path is None else 10**6, where)
     if sum(counts.values()) == 0:
         raise ConfigError(

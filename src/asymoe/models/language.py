@@ -13,8 +13,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from asymoe.config import ConfigError, LanguageConfig, MoEConfig, moe_layer_indices
-from asymoe.models.experts import ExpertGroup, FFNExperts
+from asymoe.config import GROUP_NAMES, ConfigError, LanguageConfig, MoEConfig, moe_layer_indices
+from asymoe.models.experts import ExpertGroup
+from asymoe.models.factory import make_group
 from asymoe.models.moe import MoEBlock, MoEState
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -68,35 +69,24 @@ def dense_ffn(layer: nn.Module) -> nn.Module:
     return mlp
 
 
-def build_groups(
-    moe: MoEConfig,
-    hidden_size: int,
-    dense_width: int,
-    activation: str,
-    group_factory=None,
-) -> dict[str, ExpertGroup]:
-    """Instantiate the configured expert groups (those with num_experts > 0).
-
-    `group_factory(name, group_config, hidden_size, width, activation)` may return a special group
-    (hyperbolic, evidence) or None for the default gated-FFN experts.
-    """
+def build_groups(moe: MoEConfig, hidden_size: int, dense_width: int, activation: str) -> dict[str, ExpertGroup]:
+    """Instantiate the configured expert groups (those with num_experts > 0)."""
     groups: dict[str, ExpertGroup] = {}
-    for name in ("vision", "shared", "language"):
+    for name in GROUP_NAMES:
         group_config = getattr(moe.groups, name)
         if group_config.num_experts == 0:
             continue
         width = group_config.intermediate_size or dense_width
-        group = group_factory(name, group_config, hidden_size, width, activation) if group_factory else None
-        groups[name] = group or FFNExperts(group_config.num_experts, hidden_size, width, activation)
+        if moe.upcycle and width != dense_width and group_config.geometry == "euclidean":
+            raise ConfigError(
+                f"model.moe.groups.{name}.intermediate_size={width} differs from the dense FFN's {dense_width}; "
+                "upcycling copies the dense FFN, so leave it unset or set model.moe.upcycle=false"
+            )
+        groups[name] = make_group(name, moe, hidden_size, width, activation)
     return groups
 
 
-def install_moe(
-    model: PreTrainedModel,
-    moe: MoEConfig,
-    state: MoEState,
-    group_factory=None,
-) -> list[int]:
+def install_moe(model: PreTrainedModel, moe: MoEConfig, state: MoEState) -> list[int]:
     """Replace the FFN of each configured decoder layer with an (upcycled) MoEBlock."""
     layers = decoder_layers(model)
     indices = moe_layer_indices(moe.layers, len(layers))
@@ -105,7 +95,7 @@ def install_moe(
     for index in indices:
         mlp = dense_ffn(layers[index])
         dense_width = mlp.gate_proj.weight.shape[0]
-        groups = build_groups(moe, hf_config.hidden_size, dense_width, activation, group_factory)
+        groups = build_groups(moe, hf_config.hidden_size, dense_width, activation)
         if moe.upcycle:
             for group in groups.values():
                 upcycle = getattr(group, "upcycle_from", None)

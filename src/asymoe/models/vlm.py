@@ -29,7 +29,7 @@ class VLMOutput:
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, config: ModelConfig, vocab_size: int, image_token_id: int, group_factory=None):
+    def __init__(self, config: ModelConfig, vocab_size: int, image_token_id: int):
         super().__init__()
         self.config = config
         self.image_token_id = image_token_id
@@ -39,7 +39,7 @@ class VisionLanguageModel(nn.Module):
         self.projector = build_projector(config.projector.kind, self.vision.out_dim, hidden_size)
         self.moe_state = MoEState()
         self.moe_layer_indices = (
-            install_moe(self.lm, config.moe, self.moe_state, group_factory) if config.moe.enabled else []
+            install_moe(self.lm, config.moe, self.moe_state) if config.moe.enabled else []
         )
 
     @property
