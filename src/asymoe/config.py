@@ -97,9 +97,10 @@ class GeometryLossConfig:
 
 @dataclass
 class GroupsConfig:
-    vision: GroupConfig = field(default_factory=GroupConfig)
-    shared: GroupConfig = field(default_factory=GroupConfig)
-    language: GroupConfig = field(default_factory=GroupConfig)
+    # Default: MoIIE's 1 + 2 + 1 layout for E = 4.
+    vision: GroupConfig = field(default_factory=lambda: GroupConfig(num_experts=1))
+    shared: GroupConfig = field(default_factory=lambda: GroupConfig(num_experts=2))
+    language: GroupConfig = field(default_factory=lambda: GroupConfig(num_experts=1))
 
 
 @dataclass
