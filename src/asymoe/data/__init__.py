@@ -1,0 +1,1 @@
+"""Data: sources (easy-VQA, LLaVA JSON), tokenizers, encoding and batching, the datamodule."""

@@ -1,0 +1,141 @@
+"""LightningDataModule over easy-VQA or LLaVA-format JSON."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from asymoe.config import Config, ConfigError
+from asymoe.data.records import DataError, Encoded, ImageGroupedBatchSampler, encode_record, make_collate
+from asymoe.data.sources import Split, load_easy_vqa, load_llava_json
+from asymoe.data.tokenizer import HFTokenizer, Tokenizer, WordTokenizer
+
+log = logging.getLogger(__name__)
+CACHE_LIMIT = 20000
+
+
+class ImageStore:
+    """Loads images as normalised float tensors (3, size, size); caches small data sets in memory."""
+
+    def __init__(self, paths: dict[str, str], size: int):
+        self.paths = paths
+        self.size = size
+        self.cache: dict[str, torch.Tensor] | None = {} if len(paths) <= CACHE_LIMIT else None
+
+    def _read(self, key: str) -> torch.Tensor:
+        with Image.open(self.paths[key]) as image:
+            image = image.convert("RGB")
+            if image.size != (self.size, self.size):
+                image = image.resize((self.size, self.size), Image.BICUBIC)
+            array = np.asarray(image, dtype=np.uint8).copy()
+        return torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W) uint8
+
+    def __call__(self, key: str) -> torch.Tensor:
+        if self.cache is None:
+            raw = self._read(key)
+        else:
+            raw = self.cache.get(key)
+            if raw is None:
+                raw = self.cache[key] = self._read(key)
+        return raw.float().div(255.0).sub(0.5).div(0.5)
+
+
+class VQADataModule(L.LightningDataModule):
+    """Records -> tokenizer -> encoded samples -> image-grouped batches.
+
+    Call `prepare(tokenizer_dir)` (loads records, builds or loads the tokenizer) before building
+    the model, then `encode(num_image_tokens)` once the model knows its visual token count.
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.data = config.data
+        self.splits: dict[str, Split] = {}
+        self.tokenizer: Tokenizer | None = None
+        self.samples: dict[str, list[Encoded]] = {}
+        self.stores: dict[str, ImageStore] = {}
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def prepare(self, tokenizer_dir: str | Path | None = None) -> Tokenizer:
+        data = self.data
+        if data.source == "easy_vqa":
+            self.splits = load_easy_vqa(data)
+        else:
+            self.splits = {"train": load_llava_json(data.train_path, data.image_root, data.on_error)}
+            for name, path in (("val", data.val_path), ("test", data.test_path)):
+                if path is not None:
+                    self.splits[name] = load_llava_json(path, data.image_root, data.on_error)
+        for name, split in self.splits.items():
+            limit = getattr(data, f"limit_{name}")
+            if limit is not None:
+                split.records = split.records[:limit]
+            if split.skipped:
+                log.warning("data: skipped %d malformed records in the %s split (data.on_error=skip)", split.skipped, name)
+            if not split.records:
+                raise DataError(f"data: the {name} split has no records")
+        lm_path = self.config.model.language.pretrained_path
+        if lm_path is not None:
+            self.tokenizer = HFTokenizer(lm_path)
+        elif tokenizer_dir is not None and (Path(tokenizer_dir) / WordTokenizer.FILENAME).is_file():
+            self.tokenizer = WordTokenizer.load(Path(tokenizer_dir))
+        else:
+            self.tokenizer = WordTokenizer.build(text for r in self.splits["train"].records for _, text in r.turns)
+        return self.tokenizer
+
+    def encode(self, num_image_tokens: int) -> None:
+        assert self.tokenizer is not None, "prepare() first"
+        for name, split in self.splits.items():
+            encoded = []
+            for record in split.records:
+                try:
+                    encoded.append(encode_record(record, self.tokenizer, num_image_tokens))
+                except DataError:
+                    if self.data.on_error == "raise":
+                        raise
+                    split.skipped += 1
+            self.samples[name] = encoded
+            self.stores[name] = ImageStore(split.image_paths, self.config.model.vision.image_size)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return {name: split.skipped for name, split in self.splits.items()}
+
+    # -- loaders ----------------------------------------------------------------------------------
+
+    def _loader(self, name: str, train: bool) -> DataLoader:
+        if name not in self.samples:
+            raise ConfigError(f"data: no {name} split (set data.{name}_path)")
+        samples = self.samples[name]
+        keys = [s.image_key for s in samples]
+        if train:
+            sampler = ImageGroupedBatchSampler(keys, self.data.images_per_batch, shuffle=True, seed=self.config.seed)
+        else:
+            sampler = ImageGroupedBatchSampler(
+                keys, images_per_batch=len(keys) + 1, shuffle=False, max_samples_per_batch=self.data.eval_batch_size
+            )
+        return DataLoader(
+            list(range(len(samples))),
+            batch_sampler=sampler,
+            collate_fn=make_collate(samples, self.stores[name], self.tokenizer.pad_id),
+            num_workers=self.data.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+
+__all__ = ["VQADataModule", "DataError"]

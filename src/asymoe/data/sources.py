@@ -1,0 +1,115 @@
+"""Data sources: easy-VQA (shipped inside the `easy-vqa` wheel) and LLaVA-format JSON.
+
+Each source yields, per split, a list of Records and an image store (key -> file path).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from asymoe.config import DataConfig
+from asymoe.data.records import DataError, Record, check_turns
+from asymoe.data.tokenizer import IMAGE_TOKEN
+
+YES_NO = {"yes", "no"}
+SHAPES = {"circle", "rectangle", "triangle"}
+
+
+@dataclass
+class Split:
+    records: list[Record]
+    image_paths: dict[str, str]
+    skipped: int = 0
+
+
+def easy_vqa_question_type(answer: str) -> str:
+    if answer in YES_NO:
+        return "yes/no"
+    return "shape" if answer in SHAPES else "color"
+
+
+def _easy_vqa_records(questions, answers, image_ids, image_paths, prefix: str, keep_images=None) -> Split:
+    records = []
+    for index, (question, answer, image_id) in enumerate(zip(questions, answers, image_ids)):
+        if keep_images is not None and image_id not in keep_images:
+            continue
+        key = f"{prefix}/{image_id}"
+        records.append(
+            Record(
+                turns=[("user", f"{IMAGE_TOKEN}\n{question}"), ("assistant", answer)],
+                image_key=key,
+                origin=f"easy-vqa {prefix} questions.json:{index}",
+                question_type=easy_vqa_question_type(answer),
+            )
+        )
+    return Split(records, {f"{prefix}/{i}": p for i, p in image_paths.items()})
+
+
+def load_easy_vqa(config: DataConfig) -> dict[str, Split]:
+    """Train/val: a fixed-seed split of easy-VQA's train images; test: its test set."""
+    import easy_vqa
+
+    train_paths = easy_vqa.get_train_image_paths()
+    image_ids = sorted(train_paths)
+    random.Random(config.split_seed).shuffle(image_ids)
+    n_val = max(1, int(round(len(image_ids) * config.val_fraction)))
+    val_images, train_images = set(image_ids[:n_val]), set(image_ids[n_val:])
+    train_q = easy_vqa.get_train_questions()
+    return {
+        "train": _easy_vqa_records(*train_q, train_paths, "train", train_images),
+        "val": _easy_vqa_records(*train_q, train_paths, "train", val_images),
+        "test": _easy_vqa_records(*easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths(), "test"),
+    }
+
+
+def load_llava_json(path: str, image_root: str | None, on_error: str) -> Split:
+    """LLaVA conversation JSON: [{"image": rel_path?, "conversations": [{"from": "human"|"gpt", "value": ...}]}]."""
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise DataError(f"{file}: cannot read LLaVA JSON ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{file}: expected a JSON list of records")
+    root = Path(image_root) if image_root else file.parent
+    records, images, skipped = [], {}, 0
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+    for index, item in enumerate(data):
+        origin = f"{file}:{index}"
+        try:
+            if not isinstance(item, dict) or not isinstance(item.get("conversations"), list):
+                raise DataError(f"{origin}: record has no 'conversations' list")
+            turns = []
+            for turn in item["conversations"]:
+                role = roles.get(turn.get("from")) if isinstance(turn, dict) else None
+                if role is None:
+                    raise DataError(f"{origin}: turn {turn!r} needs 'from' in human|gpt and a 'value'")
+                turns.append((role, str(turn.get("value", ""))))
+            check_turns(turns, origin)
+            key = None
+            if item.get("image"):
+                image_path = root / item["image"]
+                if not image_path.is_file():
+                    raise DataError(f"{origin}: image not found: {image_path}")
+                try:
+                    with Image.open(image_path) as image:
+                        image.verify()
+                except Exception as error:
+                    raise DataError(f"{origin}: unreadable image {image_path} ({type(error).__name__})") from None
+                key = str(image_path)
+                images[key] = str(image_path)
+                if IMAGE_TOKEN not in turns[0][1]:
+                    turns[0] = ("user", f"{IMAGE_TOKEN}\n{turns[0][1]}")
+            elif any(IMAGE_TOKEN in text for _, text in turns):
+                raise DataError(f"{origin}: '{IMAGE_TOKEN}' marker but no 'image' field")
+            records.append(Record(turns=turns, image_key=key, origin=origin))
+        except DataError:
+            if on_error == "raise":
+                raise
+            skipped += 1
+    return Split(records, images, skipped)

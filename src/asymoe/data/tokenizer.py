@@ -1,0 +1,122 @@
+"""Tokenizers with one interface: a word-level tokenizer for scratch LMs, or a local HF tokenizer.
+
+Both expose encode/decode, the special ids the pipeline needs (pad, bos, eos, image placeholder)
+and the role markers that frame each turn of a conversation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Protocol
+
+from asymoe.config import ConfigError
+
+IMAGE_TOKEN = "<image>"
+_WORD = re.compile(r"<image>|\w+|[^\w\s]")
+
+
+class Tokenizer(Protocol):
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    image_id: int
+    user_ids: list[int]
+    assistant_ids: list[int]
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+    def save(self, directory: Path) -> None: ...
+
+
+class WordTokenizer:
+    """Lower-cased words and punctuation; vocabulary built from the training text."""
+
+    SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", IMAGE_TOKEN, "<user>", "<assistant>")
+    FILENAME = "tokenizer.json"
+
+    def __init__(self, vocab: list[str]):
+        assert tuple(vocab[: len(self.SPECIALS)]) == self.SPECIALS, "vocab must start with the special tokens"
+        self.vocab = list(vocab)
+        self.index = {token: i for i, token in enumerate(self.vocab)}
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.image_id = range(5)
+        self.user_ids = [self.index["<user>"]]
+        self.assistant_ids = [self.index["<assistant>"]]
+
+    @classmethod
+    def build(cls, texts: Iterable[str]) -> "WordTokenizer":
+        counts = Counter(token for text in texts for token in cls.split(text) if token not in cls.SPECIALS)
+        return cls(list(cls.SPECIALS) + sorted(counts))
+
+    @staticmethod
+    def split(text: str) -> list[str]:
+        return _WORD.findall(text.lower())
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.index.get(token, self.unk_id) for token in self.split(text)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        words = []
+        for i in ids:
+            if i == self.eos_id:
+                break
+            if i in (self.pad_id, self.bos_id):
+                continue
+            words.append(self.vocab[i])
+        return " ".join(words)
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / self.FILENAME).write_text(json.dumps({"kind": "word", "vocab": self.vocab}))
+
+    @classmethod
+    def load(cls, directory: Path) -> "WordTokenizer":
+        data = json.loads((Path(directory) / cls.FILENAME).read_text())
+        return cls(data["vocab"])
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local directory, with `<image>` added as a special token."""
+
+    def __init__(self, path: str | Path):
+        from transformers import AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"model.language.pretrained_path: cannot load a tokenizer from {path} ({error})") from None
+        if IMAGE_TOKEN not in self.tokenizer.get_vocab():
+            self.tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        tok = self.tokenizer
+        self.image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.eos_id = tok.eos_token_id
+        if self.eos_id is None:
+            raise ConfigError(f"model.language.pretrained_path: tokenizer in {path} has no eos token")
+        self.bos_id = tok.bos_token_id if tok.bos_token_id is not None else self.eos_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
+        self.user_ids = tok.encode("USER:", add_special_tokens=False)
+        self.assistant_ids = tok.encode(" ASSISTANT:", add_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = list(ids)
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def save(self, directory: Path) -> None:
+        self.tokenizer.save_pretrained(str(Path(directory) / "tokenizer"))
