@@ -1,0 +1,140 @@
+"""`asymoe fit | test | params | grid | report`: parse, load the config, call. Nothing more.
+
+User errors (config, data, paths) print one line `asymoe: error: ...` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from asymoe.config import ConfigError
+
+USAGE_EXAMPLES = """examples:
+  asymoe fit experiments/moiie.yaml trainer.max_epochs=1 output_dir=runs/try
+  asymoe test experiments/moiie.yaml ckpt=runs/try/checkpoints/last.ckpt
+  asymoe params experiments/asymoe.yaml
+  asymoe grid ablations/baselines.yaml --quick
+  asymoe report runs/grids/baselines
+"""
+
+
+def _split_ckpt(overrides: list[str]) -> tuple[str | None, list[str]]:
+    ckpt, rest = None, []
+    for item in overrides:
+        if item.startswith("ckpt="):
+            ckpt = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+    return ckpt, rest
+
+
+def _print_metrics(metrics: dict) -> None:
+    if "test/accuracy" in metrics:
+        print(f"test accuracy: {100 * metrics['test/accuracy']:.1f}%")
+        for qtype in ("yes_no", "shape", "color"):
+            key = f"test/accuracy_{qtype}"
+            if key in metrics:
+                print(f"  {qtype.replace('_', '/')}: {100 * metrics[key]:.1f}%")
+
+
+def _fit(args) -> int:
+    from asymoe import config as config_lib
+    from asymoe.training.run import fit
+
+    cfg = config_lib.load(args.config, args.overrides)
+    metrics = fit(cfg)
+    _print_metrics(metrics)
+    print(f"train time: {metrics['time/train_s']:.0f} s, total: {metrics['time/total_s']:.0f} s")
+    print(f"run directory: {cfg.output_dir}")
+    print(f"tensorboard --logdir {cfg.output_dir}/tb")
+    return 0
+
+
+def _test(args) -> int:
+    from asymoe import config as config_lib
+    from asymoe.training.run import test
+
+    ckpt, overrides = _split_ckpt(args.overrides)
+    if ckpt is None:
+        raise ConfigError("asymoe test needs ckpt=PATH")
+    cfg = config_lib.load(args.config, overrides)
+    metrics = test(cfg, ckpt)
+    _print_metrics(metrics)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def _params(args) -> int:
+    from asymoe import config as config_lib
+    from asymoe.training.run import params
+
+    cfg = config_lib.load(args.config, args.overrides)
+    table = params(cfg)
+    width = max(map(len, table))
+    for name, value in table.items():
+        print(f"{name:<{width}}  {value:>14,}")
+    return 0
+
+
+def _grid(args) -> int:
+    from asymoe import grid
+
+    return grid.run_cli(args)
+
+
+def _report(args) -> int:
+    from asymoe import grid
+
+    return grid.report_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="asymoe",
+        description="Mixture-of-experts vision-language models: train, evaluate, ablate.",
+        epilog=USAGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, func, text in (
+        ("fit", _fit, "train, validate and test an experiment"),
+        ("test", _test, "evaluate a checkpoint on the test split (ckpt=PATH)"),
+        ("params", _params, "print the parameter table without training"),
+    ):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("config", help="experiment YAML, or a name in experiments/")
+        command.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        command.set_defaults(func=func)
+    grid_cmd = sub.add_parser("grid", help="run an ablation grid (resumable)")
+    grid_cmd.add_argument("grid_file")
+    grid_cmd.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every cell")
+    grid_cmd.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
+    grid_cmd.add_argument("--only", default=None, help="run only cells whose name matches this glob")
+    grid_cmd.add_argument("--quick", action="store_true", help="use the grid's CPU-minutes preset")
+    grid_cmd.add_argument("--force", action="store_true", help="reuse a grid directory made by another grid file")
+    grid_cmd.add_argument("--output", default=None, help="grid directory (default runs/grids/<grid name>)")
+    grid_cmd.set_defaults(func=_grid)
+    report_cmd = sub.add_parser("report", help="rebuild a grid's summary from its directory")
+    report_cmd.add_argument("grid_dir")
+    report_cmd.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from asymoe.data.records import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as error:
+        print(f"asymoe: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("asymoe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

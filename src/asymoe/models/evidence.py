@@ -1,0 +1,210 @@
+"""AsyMoE evidence-priority language experts and the evidence routing bias.
+
+Each expert e of the group mixes a memory branch and an evidence branch (AsyMoE, Eqs. 7-9):
+
+    F_mem(h)    = W2 · act(W1 · h)                                   (Eq. 7)
+    F_evd(h, c) = W4 · act(W3 · [h ; CrossAttn(h, c)])                (Eq. 8)
+    E(h)        = α · F_mem(h) + (1 − α) · F_evd(h, c),  α = σ(w_α · h + b_α)   (Eq. 9)
+
+and the language router's logits of every evidence expert get a bias (Eqs. 18-19):
+
+    s_evd = σ(w_evd · Attn(h, c)),   logit_e += s_evd.
+
+c is the layer's input hidden states at the *evidence* positions j ≤ i of the same sample: image
+tokens and prompt/question tokens, never answers or padding (TokenMeta.evidence_mask).
+
+Our reading (DESIGN.md section 1, "AsyMoE - evidence-priority language experts"):
+- act(W·x) is read as the base model's gated unit, act(W_gate·x) ⊙ (W_up·x), in both branches, as
+  the dense Llama-family FFN the experts are upcycled from. So W1 = gate_up_proj (E, 2f, d),
+  W2 = down_proj (E, d, f), W3 = evidence_gate_up_proj (E, 2f, 2d), W4 = evidence_down_proj (E, d, f).
+- CrossAttn is multi-head scaled dot-product attention with learned q/k/v/o projections
+  (`heads` heads), causal (j ≤ i) and restricted to evidence positions. The paper does not say
+  whether each expert owns one; we compute it once per layer, in `prepare`, for every position, and
+  the group's experts share it (an expert only adds its own W3/W4 on top), so its cost does not
+  grow with the number of experts.
+- Attn in the routing bias is the parameter-free single-head version of the same attention (q, k,
+  v = h); only w_evd (d,) is learned. A position with no evidence at or before it gets a context of
+  exactly 0 and s_evd = 0 (no evidence, no priority) rather than σ(0) = 0.5.
+- α has one (w_α, b_α) per expert; b_α starts at logit(alpha_init) and w_α at 0, so σ(b_α) =
+  alpha_init (0.3, the paper's best constant). `alpha: fixed` makes α ≡ alpha_init, no parameters.
+- Upcycling: both branches start as copies of the dense FFN, with W3's context columns at 0, so an
+  upcycled layer reproduces the dense output exactly whatever α (α·F + (1 − α)·F = F). The context
+  columns receive gradient from the first step; the attention projections do from the second, once
+  those columns are non-zero (the zero-init-adapter pattern). Without upcycling every weight is random.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from asymoe.config import ConfigError, EvidenceConfig
+from asymoe.models.experts import ExpertGroup
+
+
+def gated_ffn(tokens: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn) -> torch.Tensor:
+    """down · (act(gate · x) ⊙ (up · x)) with gate_up_proj (2f, in) and down_proj (d, f)."""
+    gate, up = F.linear(tokens, gate_up_proj).chunk(2, dim=-1)  # (n, f) each
+    return F.linear(act_fn(gate) * up, down_proj)  # (n, d)
+
+
+def evidence_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, evidence_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention of every position i over its sample's evidence positions j ≤ i.
+
+    query, key, value: (batch, heads, seq, head_dim); evidence_mask: (batch, seq) bool.
+    Returns the attention output (batch, heads, seq, head_dim), exactly 0 on rows with no evidence,
+    and has_evidence (batch, seq).
+    """
+    seq = query.shape[-2]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()  # (query, key): j <= i
+    allowed = causal.unsqueeze(0) & evidence_mask.unsqueeze(1)  # (batch, seq, seq)
+    has_evidence = allowed.any(dim=-1)  # (batch, seq)
+    # An all-masked row would softmax over nothing (NaN in value and gradient). Such a row attends to
+    # its own position instead, and its output (hence its gradient) is multiplied by 0 below.
+    diagonal = torch.eye(seq, dtype=torch.bool, device=query.device).unsqueeze(0)
+    allowed = allowed | (diagonal & ~has_evidence.unsqueeze(-1))
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed.unsqueeze(1))
+    return out * has_evidence[:, None, :, None].to(out.dtype), has_evidence
+
+
+class EvidenceCrossAttention(nn.Module):
+    """CrossAttn(h, c): multi-head attention of queries h over the evidence states c (Eq. 8)."""
+
+    def __init__(self, hidden_size: int, heads: int):
+        super().__init__()
+        if hidden_size % heads:
+            raise ConfigError(
+                f"model.moe.evidence.heads={heads} must divide the language hidden size {hidden_size}"
+            )
+        self.heads = heads
+        self.head_dim = hidden_size // heads
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        # No bias: a position without evidence keeps a context of exactly 0.
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def _split(self, states: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = states.shape
+        return states.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)  # (batch, heads, seq, head_dim)
+
+    def forward(
+        self, query_states: torch.Tensor, evidence_states: torch.Tensor, evidence_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """query_states, evidence_states (batch, seq, d) -> context (batch, seq, d)."""
+        batch, seq, width = query_states.shape
+        attended, _ = evidence_attention(
+            self._split(self.q_proj(query_states)),
+            self._split(self.k_proj(evidence_states)),
+            self._split(self.v_proj(evidence_states)),
+            evidence_mask,
+        )
+        return self.o_proj(attended.transpose(1, 2).reshape(batch, seq, width))
+
+
+class EvidenceExperts(ExpertGroup):
+    """AsyMoE evidence-priority experts (module docstring: equations and our reading).
+
+    prepare() returns per-token extras: "context" (tokens, d) = CrossAttn(h, c), "alpha"
+    (tokens, experts) = each expert's gate, and with route_bias "s_evd" (tokens,) in float32.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str = "silu",
+        config: EvidenceConfig | None = None,
+    ):
+        super().__init__()
+        config = config if config is not None else EvidenceConfig()
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.act_fn = ACT2FN[activation]
+        # Memory branch (Eq. 7): W1, W2.
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        # Evidence branch (Eq. 8): W3 over [h ; context], W4.
+        self.evidence_gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, 2 * hidden_size))
+        self.evidence_down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        nn.init.normal_(self.gate_up_proj, std=hidden_size**-0.5)
+        nn.init.normal_(self.down_proj, std=intermediate_size**-0.5)
+        nn.init.normal_(self.evidence_gate_up_proj, std=(2 * hidden_size) ** -0.5)
+        nn.init.normal_(self.evidence_down_proj, std=intermediate_size**-0.5)
+        self.cross_attention = EvidenceCrossAttention(hidden_size, config.heads)
+        # Gate (Eq. 9). `fixed_alpha` is None for a learned gate.
+        self.fixed_alpha: float | None = None
+        if config.alpha == "fixed":
+            self.fixed_alpha = float(config.alpha_init)
+        else:
+            self.alpha_weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
+            self.alpha_bias = nn.Parameter(torch.full((num_experts,), math.log(config.alpha_init / (1 - config.alpha_init))))
+        # Routing bias (Eqs. 18-19); absent when off, so no parameter is left without a gradient.
+        self.route_bias = bool(config.route_bias)
+        if self.route_bias:
+            self.route_weight = nn.Parameter(torch.zeros(hidden_size))
+        self._scalars: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def upcycle_from(self, dense_mlp: nn.Module) -> None:
+        """Both branches of every expert become the dense MLP (W3's context columns 0): exact parity."""
+        gate = dense_mlp.gate_proj.weight
+        up = dense_mlp.up_proj.weight
+        down = dense_mlp.down_proj.weight
+        assert gate.shape == (self.intermediate_size, self.hidden_size), "upcycling needs the dense FFN's width"
+        gate_up = torch.cat([gate, up], dim=0)  # (2f, d)
+        self.gate_up_proj.copy_(gate_up.unsqueeze(0).expand_as(self.gate_up_proj))
+        self.down_proj.copy_(down.unsqueeze(0).expand_as(self.down_proj))
+        self.evidence_gate_up_proj.zero_()
+        self.evidence_gate_up_proj[:, :, : self.hidden_size] = gate_up
+        self.evidence_down_proj.copy_(down.unsqueeze(0).expand_as(self.evidence_down_proj))
+
+    def prepare(self, hidden: torch.Tensor, meta: Any) -> dict[str, torch.Tensor]:
+        batch, seq, width = hidden.shape
+        evidence_mask = meta.evidence_mask.bool() & meta.attention_mask.bool()  # (batch, seq)
+        tokens = hidden.reshape(batch * seq, width)
+        context = self.cross_attention(hidden, hidden, evidence_mask).reshape(batch * seq, width)
+        if self.fixed_alpha is None:
+            alpha = torch.sigmoid(F.linear(tokens, self.alpha_weight, self.alpha_bias))  # (tokens, experts)
+        else:
+            alpha = tokens.new_full((batch * seq, self.num_experts), self.fixed_alpha)
+        extras = {"context": context, "alpha": alpha}
+
+        language = (meta.attention_mask.bool() & ~meta.vision_mask.bool()).reshape(-1)  # (tokens,)
+        count = language.sum().clamp(min=1)
+        self._scalars = {"alpha": (alpha.detach().float().mean(-1) * language).sum() / count}
+        if self.route_bias:
+            extras["s_evd"] = self._evidence_score(hidden, evidence_mask).reshape(batch * seq)
+            self._scalars["s_evd"] = (extras["s_evd"].detach() * language).sum() / count
+        return extras
+
+    def _evidence_score(self, hidden: torch.Tensor, evidence_mask: torch.Tensor) -> torch.Tensor:
+        """s_evd = σ(w_evd · Attn(h, c)) (Eqs. 18-19), float32 like the router; 0 without evidence."""
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            states = hidden.float().unsqueeze(1)  # (batch, 1, seq, d): one head, q = k = v = h
+            attended, has_evidence = evidence_attention(states, states, states, evidence_mask)
+            score = torch.sigmoid(F.linear(attended.squeeze(1), self.route_weight.float().unsqueeze(0)))
+            return score.squeeze(-1) * has_evidence  # (batch, seq)
+
+    def logit_bias(self, extras: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return extras["s_evd"] if self.route_bias else None
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        """Mean α (over the experts) and mean s_evd over the last forward's real language tokens."""
+        return dict(self._scalars)
+
+    def expert_forward(self, expert: int, tokens: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
+        memory = gated_ffn(tokens, self.gate_up_proj[expert], self.down_proj[expert], self.act_fn)  # (n, d)
+        joint = torch.cat([tokens, extras["context"].to(tokens.dtype)], dim=-1)  # (n, 2d)
+        evidence = gated_ffn(joint, self.evidence_gate_up_proj[expert], self.evidence_down_proj[expert], self.act_fn)
+        alpha = extras["alpha"][:, expert : expert + 1].to(memory.dtype)  # (n, 1)
+        return alpha * memory + (1 - alpha) * evidence

@@ -1,0 +1,1 @@
+"""Lightning wrappers: module, callbacks, run orchestration."""

@@ -1,0 +1,167 @@
+"""LightningModule: LM loss + auxiliary MoE losses, greedy exact-match evaluation, optimiser."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from asymoe.config import Config
+from asymoe.data.tokenizer import Tokenizer
+from asymoe.models.vlm import VisionLanguageModel, group_parameters
+
+QUESTION_TYPES = ("all", "yes/no", "shape", "color")
+NO_DECAY_MARKERS = ("bias", "norm", "curvature", "scale", "alpha", "logit_bias")
+
+
+def is_decayed(name: str, param: torch.Tensor) -> bool:
+    """Weight decay on matrices only: never on norms, biases, curvatures, scales or gates."""
+    return param.ndim >= 2 and not any(marker in name.lower() for marker in NO_DECAY_MARKERS)
+
+
+def normalise_answer(text: str) -> str:
+    return " ".join(text.lower().strip().rstrip(".").split())
+
+
+def metric_key(question_type: str) -> str:
+    return question_type.replace("/", "_")
+
+
+class VLMModule(L.LightningModule):
+    def __init__(self, config: Config, tokenizer: Tokenizer):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model = VisionLanguageModel(config.model, tokenizer.vocab_size, tokenizer.image_id)
+        self.accuracy = nn.ModuleDict(
+            {f"{stage}_{metric_key(t)}": MeanMetric() for stage in ("val", "test") for t in QUESTION_TYPES}
+        )
+        self.eval_loss = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
+        # Validation routing totals for the heat-maps: (layer, router) -> summed expert shares.
+        self.routing_totals: dict[tuple[int, str], torch.Tensor] = {}
+        self.routing_batches = 0
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def _forward(self, batch: dict, labels: bool = True):
+        return self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            evidence_mask=batch["evidence_mask"],
+            answer_mask=batch["answer_mask"],
+            image_index=batch["image_index"],
+            pixel_values=batch["pixel_values"],
+            labels=batch["labels"] if labels else None,
+        )
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self._forward(batch)
+        loss = out.lm_loss if out.aux_loss is None else out.lm_loss + out.aux_loss
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/lm_loss", out.lm_loss, batch_size=size)
+        for name, value in self.model.moe_state.mean_losses().items():
+            self.log(f"train/aux/{name}", value, batch_size=size)
+        return loss
+
+    def _evaluate(self, batch: dict, stage: str) -> None:
+        out = self._forward(batch)
+        self.eval_loss[stage].update(out.lm_loss.detach(), weight=batch["input_ids"].shape[0])
+        if stage == "val":
+            self._accumulate_routing()
+        prompt_ids = batch["input_ids"][:, : int(batch["prompt_lengths"].max())]
+        generated = self.model.generate(
+            input_ids=prompt_ids,
+            prompt_lengths=batch["prompt_lengths"],
+            evidence_mask=batch["evidence_mask"][:, : prompt_ids.shape[1]],
+            image_index=batch["image_index"],
+            pixel_values=batch["pixel_values"],
+            max_new_tokens=self.config.data.max_answer_tokens,
+            eos_token_id=self.tokenizer.eos_id,
+            pad_token_id=self.tokenizer.pad_id,
+        )
+        for row, (answer, qtype) in enumerate(zip(batch["answers"], batch["question_types"])):
+            correct = float(normalise_answer(self.tokenizer.decode(generated[row].tolist())) == normalise_answer(answer))
+            self.accuracy[f"{stage}_all"].update(correct)
+            if qtype != "all":
+                self.accuracy[f"{stage}_{metric_key(qtype)}"].update(correct)
+
+    def _accumulate_routing(self) -> None:
+        for layer, record in self.model.moe_state.records.items():
+            for router, share in record.expert_share.items():
+                key = (layer, router)
+                self.routing_totals[key] = self.routing_totals.get(key, 0) + share.float().cpu()
+        self.routing_batches += 1
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _log_eval(self, stage: str) -> None:
+        self.log(f"{stage}/lm_loss", self.eval_loss[stage].compute(), sync_dist=True)
+        self.eval_loss[stage].reset()
+        for qtype in QUESTION_TYPES:
+            metric = self.accuracy[f"{stage}_{metric_key(qtype)}"]
+            if metric.update_count:
+                name = f"{stage}/accuracy" if qtype == "all" else f"{stage}/accuracy_{metric_key(qtype)}"
+                self.log(name, metric.compute(), prog_bar=qtype == "all", sync_dist=True)
+            metric.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self.routing_totals, self.routing_batches = {}, 0
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def routing_share(self) -> dict[tuple[int, str], torch.Tensor]:
+        """Mean expert share per (layer, router) over the last validation."""
+        n = max(self.routing_batches, 1)
+        return {key: total / n for key, total in self.routing_totals.items()}
+
+    # -- checkpoint: carry the vocabulary so `asymoe test` needs only the .ckpt -------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        vocab = getattr(self.tokenizer, "vocab", None)
+        if vocab is not None:
+            checkpoint["asymoe_vocab"] = list(vocab)
+
+    # -- optimiser ------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        optim = self.config.optim
+        lrs = {
+            "vision": optim.lr_vision or optim.lr,
+            "projector": optim.lr_projector or optim.lr,
+            "router": optim.lr_router or optim.lr,
+            "lm": optim.lr,
+        }
+        param_groups = []
+        for group, named in group_parameters(self.model).items():
+            decay = [p for n, p in named if is_decayed(n, p)]
+            no_decay = [p for n, p in named if not is_decayed(n, p)]
+            for params, weight_decay, suffix in ((decay, optim.weight_decay, ""), (no_decay, 0.0, "_no_decay")):
+                if params:
+                    param_groups.append(
+                        {"params": params, "lr": lrs[group], "weight_decay": weight_decay, "name": group + suffix}
+                    )
+        optimizer = torch.optim.AdamW(param_groups, betas=tuple(optim.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(optim.warmup_steps, max(total - 1, 0))
+        floor = optim.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

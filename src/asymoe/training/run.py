@@ -1,0 +1,180 @@
+"""Run orchestration: fit (train + test), test from a checkpoint, parameter table.
+
+A run directory holds config.yaml (resolved, re-loadable with `asymoe fit run_dir/config.yaml`),
+tokenizer.json, checkpoints/, tb/ (TensorBoard) and, once everything finished, metrics.json
+(written atomically: a run is complete exactly when metrics.json exists).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from asymoe import config as config_lib
+from asymoe.config import Config, ConfigError
+from asymoe.data.datamodule import VQADataModule
+from asymoe.data.tokenizer import WordTokenizer
+from asymoe.training.callbacks import RoutingLogger
+from asymoe.training.module import VLMModule
+
+METRICS_FILE = "metrics.json"
+
+
+def run_directory(cfg: Config) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / cfg.experiment / stamp
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def build_trainer(cfg: Config, run_dir: Path, callbacks: list, logger=True) -> L.Trainer:
+    t = cfg.trainer
+    if t.accelerator == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator='gpu' but no CUDA device is visible; use accelerator=cpu or auto")
+    if logger is True:
+        logger = TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False)
+    return L.Trainer(
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        max_time=t.max_time,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
+        limit_test_batches=t.limit_test_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.enable_progress_bar,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        deterministic=t.deterministic,
+        default_root_dir=str(run_dir),
+        logger=logger,
+        callbacks=callbacks,
+    )
+
+
+def _scalar_metrics(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (int, float))}
+
+
+def switched_hparams(cfg: Config) -> dict:
+    """The config flattened to dotted keys with scalar values (TensorBoard HParams)."""
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", config_lib.to_dict(cfg))
+    return flat
+
+
+def fit(cfg: Config) -> dict:
+    """Train, validate, test the best checkpoint; return (and write) the final metrics."""
+    started = time.time()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = run_directory(cfg)
+    # Data and model are built before the run directory exists: a bad config leaves nothing behind.
+    datamodule = VQADataModule(cfg)
+    tokenizer = datamodule.prepare(run_dir)
+    module = VLMModule(cfg, tokenizer)
+    datamodule.encode(module.model.num_image_tokens)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    cfg.output_dir = str(run_dir)
+    config_lib.save(cfg, run_dir / "config.yaml")
+    tokenizer.save(run_dir)
+
+    checkpoint = ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"),
+        filename="best-{epoch}-{step}",
+        monitor="val/accuracy",
+        mode="max",
+        save_last=True,
+        save_top_k=1,
+    )
+    trainer = build_trainer(cfg, run_dir, [checkpoint, RoutingLogger()])
+    trainer.fit(module, datamodule=datamodule)
+    train_seconds = time.time() - started
+    ckpt_path = checkpoint.best_model_path or None
+    test_results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    metrics = {
+        **_scalar_metrics(trainer.callback_metrics),
+        **(_scalar_metrics(test_results[0]) if test_results else {}),
+        **{f"params/{k}": v for k, v in module.model.parameter_table().items()},
+        "time/train_s": train_seconds,
+        "time/total_s": time.time() - started,
+        "data/skipped": sum(datamodule.skipped.values()),
+    }
+    if trainer.global_rank == 0:
+        writer_logger = trainer.logger
+        if isinstance(writer_logger, TensorBoardLogger):
+            hparam_metrics = {k: v for k, v in metrics.items() if k.startswith(("test/", "val/", "params/"))}
+            writer_logger.log_hyperparams(switched_hparams(cfg), hparam_metrics)
+            writer_logger.finalize("success")
+        write_json_atomic(run_dir / METRICS_FILE, {"run_dir": str(run_dir), "best_checkpoint": ckpt_path, **metrics})
+    return metrics
+
+
+def load_tokenizer_for(cfg: Config, checkpoint: dict):
+    vocab = checkpoint.get("asymoe_vocab")
+    if vocab is not None:
+        return WordTokenizer(vocab)
+    return None
+
+
+def test(cfg: Config, ckpt: str) -> dict:
+    """Evaluate a checkpoint on the test split of `cfg`'s data."""
+    path = Path(ckpt)
+    if not path.is_file():
+        raise ConfigError(f"ckpt: checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    datamodule = VQADataModule(cfg)
+    datamodule.prepare()
+    tokenizer = load_tokenizer_for(cfg, state) or datamodule.tokenizer
+    datamodule.tokenizer = tokenizer
+    module = VLMModule(cfg, tokenizer)
+    try:
+        module.load_state_dict(state["state_dict"])
+    except RuntimeError as error:
+        raise ConfigError(
+            f"ckpt: {path} does not match the model of this config ({str(error).splitlines()[0]})"
+        ) from None
+    datamodule.encode(module.model.num_image_tokens)
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    trainer = build_trainer(cfg, run_dir / "test", [], logger=False)
+    results = trainer.test(module, datamodule=datamodule, verbose=False)
+    return _scalar_metrics(results[0])
+
+
+def params(cfg: Config) -> dict[str, int]:
+    """The parameter table of `cfg`'s model, built without data (vocabulary of easy-VQA size)."""
+    from asymoe.models.vlm import VisionLanguageModel
+
+    datamodule = VQADataModule(cfg)
+    tokenizer = datamodule.prepare()
+    model = VisionLanguageModel(cfg.model, tokenizer.vocab_size, tokenizer.image_id)
+    return model.parameter_table()
