@@ -147,7 +147,8 @@ class EvidenceExperts(ExpertGroup):
             self.fixed_alpha = float(config.alpha_init)
         else:
             self.alpha_weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
-            self.alpha_bias = nn.Parameter(torch.full((num_experts,), math.log(config.alpha_init / (1 - config.alpha_init))))
+            alpha_logit = math.log(config.alpha_init / (1 - config.alpha_init))
+            self.alpha_bias = nn.Parameter(torch.full((num_experts,), alpha_logit))
         # Routing bias (Eqs. 18-19); absent when off, so no parameter is left without a gradient.
         self.route_bias = bool(config.route_bias)
         if self.route_bias:

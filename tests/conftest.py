@@ -1,0 +1,44 @@
+"""Shrinks any experiment to a seconds-long CPU run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+
+# A tiny model and a handful of batches: every experiment keeps its MoE layout and switches.
+TINY = [
+    "model.vision.model_kwargs.channels=[8,16,32,64]",
+    "model.language.hidden_size=32",
+    "model.language.intermediate_size=64",
+    "model.language.num_heads=2",
+    "model.language.num_kv_heads=2",
+    "model.moe.evidence.heads=2",
+    "data.limit_train=96",
+    "data.limit_val=24",
+    "data.limit_test=24",
+    "data.images_per_batch=4",
+    "data.eval_batch_size=16",
+    "trainer.max_steps=2",
+    "trainer.max_epochs=1",
+    "trainer.limit_val_batches=1",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.accelerator=cpu",
+    "optim.warmup_steps=1",
+]
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path) -> list[str]:
+    return TINY + [f"output_dir={tmp_path / 'run'}"]
