@@ -142,7 +142,10 @@ class VisionLanguageModel(nn.Module):
                 image_index=image_index,
                 image_features=image_features,
             )
-            next_token = out.logits[rows, length - 1].argmax(dim=-1)
+            logits = out.logits[rows, length - 1]  # (batch, vocab)
+            # The image placeholder is input-only: an answer never contains it.
+            logits[:, self.image_token_id] = float("-inf")
+            next_token = logits.argmax(dim=-1)
             next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
             generated[:, step] = next_token
             ids[rows, length.clamp(max=width - 1)] = next_token

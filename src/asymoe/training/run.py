@@ -119,10 +119,11 @@ def fit(cfg: Config) -> dict:
     trainer = build_trainer(cfg, run_dir, [checkpoint, RoutingLogger()])
     trainer.fit(module, datamodule=datamodule)
     train_seconds = time.time() - started
+    fit_metrics = _scalar_metrics(trainer.callback_metrics)
     ckpt_path = checkpoint.best_model_path or None
     test_results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
     metrics = {
-        **_scalar_metrics(trainer.callback_metrics),
+        **fit_metrics,
         **(_scalar_metrics(test_results[0]) if test_results else {}),
         **{f"params/{k}": v for k, v in module.model.parameter_table().items()},
         "time/train_s": train_seconds,

@@ -1,0 +1,391 @@
+"""Hyperbolic maps against geoopt, the entailment cone, and the hyperbolic expert group."""
+
+from __future__ import annotations
+
+import math
+
+import geoopt
+import pytest
+import torch
+from torch import nn
+
+from asymoe.config import GeometryLossConfig, MoEConfig
+from asymoe.models import hyperbolic as hyp
+from asymoe.models.experts import FFNExperts
+from asymoe.models.moe import MoEBlock, MoEState, TokenMeta
+
+GEOMETRIES = ("lorentz", "poincare")
+HIDDEN, WIDTH = 16, 32
+
+
+def lorentz_full(space: torch.Tensor, curvature: float) -> torch.Tensor:
+    """Full coordinates [x_t, x_s] as geoopt.Lorentz(k=1/c) stores them."""
+    return torch.cat([hyp.lorentz_time(space, curvature), space], dim=-1)
+
+
+def make_group(geometry: str, *, curvature=1.0, learn=True, align=1.0, order=1.0, evidence=False, experts=2):
+    loss = GeometryLossConfig(align_weight=align, order_weight=order, cone_k=0.1, text_source="evidence")
+    return hyp.HyperbolicExperts(
+        num_experts=experts,
+        hidden_size=HIDDEN,
+        intermediate_size=WIDTH,
+        activation="silu",
+        geometry=geometry,
+        curvature=curvature,
+        learn_curvature=learn,
+        geometry_loss=loss,
+        has_evidence_group=evidence,
+    )
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, hidden: int = HIDDEN, width: int = WIDTH):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+
+def make_meta(batch: int = 2, seq: int = 10, vision: int = 4) -> TokenMeta:
+    vision_mask = torch.zeros(batch, seq, dtype=torch.bool)
+    vision_mask[:, :vision] = True
+    attention_mask = torch.ones(batch, seq, dtype=torch.bool)
+    attention_mask[-1, -2:] = False  # right padding in the last sample
+    answer_mask = torch.zeros(batch, seq, dtype=torch.bool)
+    answer_mask[:, seq - 3 : seq - 2] = True
+    evidence_mask = attention_mask & ~answer_mask
+    return TokenMeta(vision_mask, attention_mask, evidence_mask, answer_mask)
+
+
+def route_all_to(expert: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-1 routing of every token to one expert: (expert_index, expert_weight, slot_mask)."""
+    return (
+        torch.full((tokens, 1), expert, dtype=torch.long),
+        torch.ones(tokens, 1),
+        torch.ones(tokens, 1, dtype=torch.bool),
+    )
+
+
+# ----------------------------------------------------------------------------- manifold maps
+
+
+@pytest.mark.parametrize("curvature", [0.3, 1.0, 2.5])
+def test_lorentz_exp_map_lands_on_the_hyperboloid_and_log_inverts_it(curvature):
+    tangent = 0.5 * torch.randn(64, 8)
+    tangent[0] = 0.0
+    point = hyp.lorentz_exp_map0(tangent, curvature)
+    inner = hyp.lorentz_inner(point, point, curvature)
+    torch.testing.assert_close(inner, torch.full_like(inner, -1.0 / curvature), atol=1e-4, rtol=0)
+    torch.testing.assert_close(hyp.lorentz_log_map0(point, curvature), tangent, atol=1e-5, rtol=1e-4)
+    assert torch.equal(point[0], torch.zeros(8))
+    # Far from the origin float32 cannot resolve ⟨z,z⟩_L = x_s² − x_t²; float64 can.
+    far = hyp.lorentz_exp_map0(2.0 * tangent.double(), curvature)
+    inner = hyp.lorentz_inner(far, far, curvature)
+    torch.testing.assert_close(inner, torch.full_like(inner, -1.0 / curvature), atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("curvature", [0.3, 1.0, 2.5])
+def test_poincare_exp_map_stays_in_the_ball_and_log_inverts_it(curvature):
+    tangent = 0.5 * torch.randn(64, 8)
+    point = hyp.poincare_exp_map0(tangent, curvature)
+    torch.testing.assert_close(hyp.poincare_log_map0(point, curvature), tangent, atol=1e-4, rtol=1e-4)
+    far = hyp.poincare_exp_map0(1e4 * tangent, curvature)
+    assert (far.norm(dim=-1) < curvature**-0.5).all()
+
+
+def test_maps_match_geoopt():
+    torch.manual_seed(0)
+    curvature = 0.7
+    tangent = torch.randn(32, 6, dtype=torch.float64)
+    lorentz = geoopt.Lorentz(k=torch.tensor(1.0 / curvature, dtype=torch.float64))  # geoopt: ⟨x,x⟩_L = −k, full coordinates
+    padded = torch.cat([torch.zeros(32, 1, dtype=torch.float64), tangent], dim=-1)
+    point = hyp.lorentz_exp_map0(tangent, curvature)
+    torch.testing.assert_close(lorentz_full(point, curvature), lorentz.expmap0(padded))
+    torch.testing.assert_close(hyp.lorentz_log_map0(point, curvature), lorentz.logmap0(lorentz.expmap0(padded))[:, 1:])
+    ball = geoopt.PoincareBall(c=torch.tensor(curvature, dtype=torch.float64))
+    torch.testing.assert_close(hyp.poincare_exp_map0(0.5 * tangent, curvature), ball.expmap0(0.5 * tangent))
+    ball_point = ball.expmap0(0.5 * tangent)
+    torch.testing.assert_close(hyp.poincare_log_map0(ball_point, curvature), ball.logmap0(ball_point))
+    # The ball's exp_0(v) is the hyperboloid's exp_o(2v) under the standard isometry.
+    torch.testing.assert_close(
+        hyp.lorentz_to_poincare(hyp.lorentz_exp_map0(tangent, curvature), curvature),
+        ball.expmap0(tangent / 2),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_distances_match_geoopt(geometry, dtype):
+    torch.manual_seed(1)
+    curvature = 1.3
+    x, y = torch.randn(2, 128, 8, dtype=dtype)
+    if geometry == "lorentz":
+        ours = hyp.lorentz_dist(x, y, curvature)
+        reference = geoopt.Lorentz(k=torch.tensor(1.0 / curvature, dtype=dtype)).dist(lorentz_full(x, curvature), lorentz_full(y, curvature))
+    else:
+        ball = geoopt.PoincareBall(c=torch.tensor(curvature, dtype=dtype))
+        x, y = ball.expmap0(0.4 * x), ball.expmap0(0.4 * y)
+        ours = hyp.poincare_dist(x, y, curvature)
+        reference = ball.dist(x, y)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(ours, reference.to(dtype), atol=tolerance, rtol=tolerance)
+
+
+def test_distance_of_a_point_to_itself_is_zero_with_finite_gradient():
+    point = torch.randn(4, 8, requires_grad=True)
+    distance_sq = hyp.lorentz_dist(point, point, 1.0).square()
+    assert distance_sq.max() < 1e-10
+    distance_sq.sum().backward()
+    assert torch.isfinite(point.grad).all()
+    # The maps are smooth at the origin too.
+    origin = torch.zeros(3, 8, requires_grad=True)
+    (hyp.lorentz_log_map0(hyp.lorentz_exp_map0(origin, 1.0), 1.0).sum() + hyp.poincare_exp_map0(origin, 1.0).sum()).backward()
+    torch.testing.assert_close(origin.grad, torch.full_like(origin, 2.0))
+
+
+def test_hnn_fc_layer_matches_geoopt_hyperplane_distances():
+    torch.manual_seed(2)
+    curvature = 0.8
+    ball = geoopt.PoincareBall(c=torch.tensor(curvature, dtype=torch.float64))
+    x = ball.expmap0(0.6 * torch.randn(16, 5, dtype=torch.float64))
+    normals = 0.3 * torch.randn(3, 5, dtype=torch.float64)  # z_k
+    offsets = 0.5 * torch.randn(3, dtype=torch.float64)  # r_k
+    unit = normals / normals.norm(dim=-1, keepdim=True)
+    anchors = ball.expmap0(offsets.unsqueeze(-1) * unit)  # p_k = exp_0(r_k ẑ_k)
+    signed = torch.stack([ball.dist2plane(x, anchors[k], unit[k], signed=True) for k in range(3)], dim=-1)
+    expected_v = 2 * normals.norm(dim=-1) * signed
+    lifted = hyp.poincare_to_lorentz(x, curvature)
+    torch.testing.assert_close(hyp.poincare_hyperplane_distance(lifted, normals, offsets, curvature), expected_v)
+    w = torch.sinh(curvature**0.5 * expected_v) / curvature**0.5
+    expected_y = w / (1 + torch.sqrt(1 + curvature * w.square().sum(-1, keepdim=True)))
+    output = hyp.poincare_fc(x, normals, offsets, curvature)
+    torch.testing.assert_close(output, expected_y)
+    assert (output.norm(dim=-1) < curvature**-0.5).all()
+
+
+# ----------------------------------------------------------------------------- entailment cone
+
+
+def test_exterior_angle_matches_geoopt_tangent_angle():
+    torch.manual_seed(3)
+    curvature = 0.9
+    x, y = torch.randn(2, 32, 6, dtype=torch.float64)
+    manifold = geoopt.Lorentz(k=torch.tensor(1.0 / curvature, dtype=torch.float64))
+    x_full, y_full = lorentz_full(x, curvature), lorentz_full(y, curvature)
+    to_child = manifold.logmap(x_full, y_full)
+    away_from_origin = -manifold.logmap(x_full, lorentz_full(torch.zeros_like(x), curvature))
+    cosine = manifold.inner(x_full, to_child, away_from_origin) / (
+        manifold.norm(to_child) * manifold.norm(away_from_origin)
+    )
+    torch.testing.assert_close(hyp.exterior_angle(x, y, curvature), torch.acos(cosine))
+
+
+def test_entailment_loss_is_zero_inside_the_cone_and_positive_outside():
+    curvature, cone_k = 1.0, 0.1
+    parent = torch.tensor([[2.0, 0.0, 0.0]])
+    aperture = hyp.half_aperture(parent, curvature, cone_k)
+    torch.testing.assert_close(aperture, torch.asin(torch.tensor([2 * cone_k / 2.0])))
+    inside = torch.tensor([[3.0, 0.0, 0.0], [4.0, 0.05, 0.0]])  # further out along the parent's ray
+    outside = torch.tensor([[2.0, 2.0, 0.0], [0.5, 0.0, 0.0]])  # off to the side; towards the origin
+    assert torch.equal(hyp.entailment_loss(parent.expand(2, 3), inside, curvature, cone_k), torch.zeros(2))
+    loss_outside = hyp.entailment_loss(parent.expand(2, 3), outside, curvature, cone_k)
+    assert (loss_outside > 0.5).all()
+    # Towards the origin the exterior angle is π.
+    assert abs(hyp.exterior_angle(parent, outside[1:], curvature).item() - math.pi) < 1e-2
+
+
+# ----------------------------------------------------------------------------- expert group
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_hyperbolic_expert_is_not_a_euclidean_ffn(geometry):
+    torch.manual_seed(4)
+    dense = DenseMLP()
+    euclidean = FFNExperts(1, HIDDEN, WIDTH, "silu")
+    euclidean.upcycle_from(dense)
+    tokens = torch.randn(32, HIDDEN)  # ‖h‖ ≈ √d, as after RMSNorm
+
+    def expert_output(curvature: float) -> torch.Tensor:
+        group = make_group(geometry, curvature=curvature, align=0.0, order=0.0, experts=1)
+        group.upcycle_from(dense)
+        return group.expert_forward(0, tokens, {})
+
+    with torch.no_grad():
+        reference = euclidean.expert_forward(0, tokens, {})
+        at_one, at_four, flat = expert_output(1.0), expert_output(4.0), expert_output(1e-6)
+
+    def relative_gap(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert relative_gap(at_one, reference) > 0.05
+    assert relative_gap(at_four, at_one) > 0.05
+    # Upcycling means: the dense FFN in the flat limit c -> 0.
+    assert relative_gap(flat, reference) < 1e-3
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_upcycle_copies_the_dense_weights(geometry):
+    dense = DenseMLP()
+    group = make_group(geometry, align=0.0, order=0.0)
+    group.upcycle_from(dense)
+    gate_up = torch.cat([dense.gate_proj.weight, dense.up_proj.weight]) / (4.0 if geometry == "poincare" else 1.0)
+    for expert in range(group.num_experts):
+        torch.testing.assert_close(group.gate_up_proj[expert], gate_up)
+        torch.testing.assert_close(group.down_proj[expert], dense.down_proj.weight)
+    assert not group.gate_up_bias.any() and not group.down_bias.any()
+    if geometry == "lorentz":
+        assert not group.gate_up_time.any() and not group.down_time.any()
+    narrower = make_group(geometry, align=0.0, order=0.0)
+    before = narrower.gate_up_proj.clone()
+    narrower.upcycle_from(DenseMLP(width=WIDTH // 2))
+    assert torch.equal(narrower.gate_up_proj, before)
+
+
+def test_weights_are_plain_tensors_and_curvature_is_named_and_frozen_as_a_buffer():
+    learned = make_group("lorentz")
+    names = dict(learned.named_parameters())
+    assert "log_curvature" in names and names["log_curvature"].shape == (1,)
+    assert not any(isinstance(p, geoopt.ManifoldParameter) for p in learned.parameters())
+    assert learned.gate_up_proj.shape == (2, 2 * WIDTH, HIDDEN) and learned.down_proj.shape == (2, HIDDEN, WIDTH)
+    frozen = make_group("lorentz", learn=False)
+    assert "log_curvature" not in dict(frozen.named_parameters())
+    assert "log_curvature" in frozen.state_dict()
+    torch.testing.assert_close(frozen.curvature(), torch.tensor([1.0]))
+
+
+def test_curvature_is_clamped_and_only_an_inward_gradient_passes_the_bound():
+    group = make_group("lorentz", curvature=2.0)
+    with torch.no_grad():
+        group.log_curvature.fill_(math.log(2.0 * 50))  # beyond 10·c0
+    torch.testing.assert_close(group.curvature(), torch.tensor([20.0]))
+    group.curvature().sum().neg().backward()  # descent would raise c further: dropped
+    assert group.log_curvature.grad.item() == 0.0
+    group.log_curvature.grad = None
+    group.curvature().sum().backward()  # descent lowers c: passes
+    assert group.log_curvature.grad.item() > 0.0
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_gradients_reach_curvature_and_an_idle_expert_gets_exact_zeros(geometry):
+    torch.manual_seed(5)
+    group = make_group(geometry, align=0.0, order=0.0)
+    tokens = torch.randn(6, HIDDEN, requires_grad=True)
+    out = group.dispatch(tokens, *route_all_to(0, 6), {})
+    out.square().sum().backward()
+    grad = group.log_curvature.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().item() > 0
+    for name, parameter in group.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        if parameter.dim() >= 2 or name.endswith(("_bias", "_time")):
+            assert not parameter.grad[1].any(), name  # expert 1 got no token
+            assert parameter.grad[0].any(), name
+    # No token at all for the group: every gradient is a zero tensor, none is None or NaN.
+    group.zero_grad(set_to_none=True)
+    index, weight, _ = route_all_to(0, 6)
+    group.dispatch(tokens, index, weight, torch.zeros(6, 1, dtype=torch.bool), {}).sum().backward()
+    for name, parameter in group.named_parameters():
+        assert parameter.grad is not None and not parameter.grad.any(), name
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_origin_distance_scalar_is_the_mean_distance_of_the_routed_points(geometry):
+    group = make_group(geometry, curvature=2.0, align=0.0, order=0.0)
+    tokens = torch.randn(5, HIDDEN) * torch.linspace(0.1, 3.0, 5).unsqueeze(-1)
+    group.dispatch(tokens, *route_all_to(1, 5), {})
+    scalars = group.scalars()
+    # d(o, exp_o(α·h)) = ‖α·h‖ on the hyperboloid; the ball's exp_0 doubles it.
+    expected = (tokens.norm(dim=-1) * HIDDEN**-0.5).mean() * (2.0 if geometry == "poincare" else 1.0)
+    torch.testing.assert_close(scalars["origin_distance"], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scalars["curvature"], torch.tensor(2.0))
+
+
+# ----------------------------------------------------------------------------- geometry losses
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_alignment_is_zero_when_vision_and_text_points_coincide(geometry):
+    group = make_group(geometry, align=2.0, order=3.0)
+    with torch.no_grad():
+        group.text_projection.weight.copy_(group.vision_projection.weight)
+    meta = make_meta()
+    hidden = torch.randn(2, 1, HIDDEN).expand(2, 10, HIDDEN).contiguous()  # one vector per sample
+    losses = group.aux_losses(hidden, meta, {"shared": hidden})
+    assert set(losses) == {"geometry_align", "geometry_order"}
+    assert losses["geometry_align"].item() < 1e-9
+    assert torch.isfinite(losses["geometry_order"])
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_geometry_losses_are_weighted_finite_and_read_the_evidence_group(geometry):
+    torch.manual_seed(6)
+    group = make_group(geometry, align=2.0, order=3.0, evidence=True)
+    meta = make_meta()
+    hidden = torch.randn(2, 10, HIDDEN)
+    outputs = {"shared": torch.randn(2, 10, HIDDEN), "language": torch.randn(2, 10, HIDDEN)}
+    losses = group.aux_losses(hidden, meta, outputs)
+    raw = group.scalars()
+    torch.testing.assert_close(losses["geometry_align"], 2.0 * raw["geometry_align_raw"])
+    torch.testing.assert_close(losses["geometry_order"], 3.0 * raw["geometry_order_raw"])
+    assert losses["geometry_align"] > 0 and all(torch.isfinite(v) for v in losses.values())
+    # text_source=evidence with an evidence group: t comes from the language group, not the shared one.
+    changed_shared = group.aux_losses(hidden, meta, {**outputs, "shared": torch.randn(2, 10, HIDDEN)})
+    torch.testing.assert_close(changed_shared["geometry_align"], losses["geometry_align"])
+    changed_language = group.aux_losses(hidden, meta, {**outputs, "language": torch.randn(2, 10, HIDDEN)})
+    assert not torch.allclose(changed_language["geometry_align"], losses["geometry_align"])
+
+
+def test_geometry_losses_without_an_eligible_sample_are_exact_zeros_on_the_graph():
+    group = make_group("lorentz", align=1.0, order=1.0)
+    meta = make_meta(vision=0)  # no vision token anywhere
+    hidden = torch.randn(2, 10, HIDDEN)
+    losses = group.aux_losses(hidden, meta, {"shared": hidden})
+    assert all(value.item() == 0.0 for value in losses.values())
+    sum(losses.values()).backward()
+    for parameter in (group.vision_projection.weight, group.text_projection.weight):
+        assert parameter.grad is not None and not parameter.grad.any()
+    assert "geometry_align_raw" not in group.scalars()
+
+
+def test_no_loss_weight_builds_no_projection():
+    group = make_group("poincare", align=0.0, order=0.0)
+    assert group.vision_projection is None and group.text_projection is None
+    assert group.aux_losses(torch.randn(2, 10, HIDDEN), make_meta(), {"shared": torch.randn(2, 10, HIDDEN)}) == {}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize(
+    ("geometry", "learn", "steps"),
+    [("lorentz", True, 300), ("poincare", True, 300), ("lorentz", False, 30), ("poincare", False, 30)],
+)
+def test_bf16_autocast_training_with_large_inputs_stays_finite(geometry, learn, steps):
+    torch.manual_seed(7)
+    state = MoEState()
+    group = make_group(geometry, learn=learn, align=0.5, order=0.5)
+    group.upcycle_from(DenseMLP())
+    block = MoEBlock(0, HIDDEN, {"shared": group}, MoEConfig(), state)
+    optimizer = torch.optim.AdamW(block.parameters(), lr=1e-2)
+    meta = make_meta()
+    hidden = 50.0 * torch.randn(2, 10, HIDDEN)
+    target = torch.randn(2, 10, HIDDEN)
+    start = group.curvature().detach().clone()
+    for _ in range(steps):
+        state.set(meta)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(hidden)
+        loss = (out.float() - target).square().mean() + state.total_aux_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        assert torch.isfinite(loss)
+        for name, parameter in block.named_parameters():
+            assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+        optimizer.step()
+        assert torch.isfinite(group.curvature()).all()
+    record = state.records[0]
+    assert {"shared/curvature", "shared/origin_distance", "shared/geometry_align_raw"} <= set(record.scalars)
+    assert {"geometry_align", "geometry_order"} <= set(record.losses)
+    if learn:
+        assert (group.curvature() - start).abs().item() > 1e-3
+    else:
+        assert torch.equal(group.curvature(), start)
