@@ -97,7 +97,8 @@ def test_maps_match_geoopt():
     torch.manual_seed(0)
     curvature = 0.7
     tangent = torch.randn(32, 6, dtype=torch.float64)
-    lorentz = geoopt.Lorentz(k=torch.tensor(1.0 / curvature, dtype=torch.float64))  # geoopt: ⟨x,x⟩_L = −k, full coordinates
+    # geoopt.Lorentz: ⟨x,x⟩_L = −k with k = 1/c, full coordinates [x_t, x_s].
+    lorentz = geoopt.Lorentz(k=torch.tensor(1.0 / curvature, dtype=torch.float64))
     padded = torch.cat([torch.zeros(32, 1, dtype=torch.float64), tangent], dim=-1)
     point = hyp.lorentz_exp_map0(tangent, curvature)
     torch.testing.assert_close(lorentz_full(point, curvature), lorentz.expmap0(padded))
@@ -121,7 +122,8 @@ def test_distances_match_geoopt(geometry, dtype):
     x, y = torch.randn(2, 128, 8, dtype=dtype)
     if geometry == "lorentz":
         ours = hyp.lorentz_dist(x, y, curvature)
-        reference = geoopt.Lorentz(k=torch.tensor(1.0 / curvature, dtype=dtype)).dist(lorentz_full(x, curvature), lorentz_full(y, curvature))
+        manifold = geoopt.Lorentz(k=torch.tensor(1.0 / curvature, dtype=dtype))
+        reference = manifold.dist(lorentz_full(x, curvature), lorentz_full(y, curvature))
     else:
         ball = geoopt.PoincareBall(c=torch.tensor(curvature, dtype=dtype))
         x, y = ball.expmap0(0.4 * x), ball.expmap0(0.4 * y)
@@ -139,7 +141,8 @@ def test_distance_of_a_point_to_itself_is_zero_with_finite_gradient():
     assert torch.isfinite(point.grad).all()
     # The maps are smooth at the origin too.
     origin = torch.zeros(3, 8, requires_grad=True)
-    (hyp.lorentz_log_map0(hyp.lorentz_exp_map0(origin, 1.0), 1.0).sum() + hyp.poincare_exp_map0(origin, 1.0).sum()).backward()
+    round_trip = hyp.lorentz_log_map0(hyp.lorentz_exp_map0(origin, 1.0), 1.0)
+    (round_trip.sum() + hyp.poincare_exp_map0(origin, 1.0).sum()).backward()
     torch.testing.assert_close(origin.grad, torch.full_like(origin, 2.0))
 
 

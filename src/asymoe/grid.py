@@ -555,7 +555,7 @@ def run_cli(args) -> int:
         action = "skip (finished)" if state == "finished" else "run" if state == "missing" else f"rerun ({state})"
         print(f"  cell {index} of {len(selected)}: {cell.name}  [{action}]", flush=True)
         if args.dry_run:
-            print(f"    {shlex.join(cell.command(grid_dir / CELLS_DIR / cell.name)[2:])}", flush=True)
+            print(f"    asymoe {shlex.join(cell.command(grid_dir / CELLS_DIR / cell.name)[3:])}", flush=True)
     if args.dry_run:
         return 0
 
@@ -688,7 +688,7 @@ def write_summary_csv(path: Path, spec: dict, rows: list[GroupRow], metrics: lis
                 [row.group, *[_switch_text(row.switches.get(c)) for c in spec["switch_columns"]]]
                 + [len(row.metrics), len(row.states), row.status]
                 + ["" if p is None else int(round(p)) for p in params]
-                + [_number(x, 6) for mean, std in stats for x in (mean, std)]
+                + ["" if x is None else x for mean, std in stats for x in (mean, std)]
                 + [_number(row.mean_std("time/total_s")[0], 1)]
             )
 

@@ -26,8 +26,11 @@ v_k is 2‖z_k‖ times the signed distance of x to the k-th Poincaré hyperplan
 only through λ_x·x and λ_x − 1, which are the space part and √c·(time part) of x's image on the
 hyperboloid, and w is the hyperboloid image of the output y; so the layer is evaluated on
 hyperboloid coordinates (`poincare_fc_lifted`), which stays exact where 1 − c‖x‖² underflows.
-The ball's exp_0(v) is the image of the hyperboloid's exp_o(2v) (the ball's conformal factor at
-the origin is 2), which is how ball points enter and leave (`poincare_to_lorentz`).
+The ball's exp_0(v) is the image of the hyperboloid's exp_o(2v) and log_0 is half of log_o (the
+ball's conformal factor at the origin is 2): this is how tokens enter and leave the ball.
+geoopt (geoopt.Lorentz with k = 1/c on full coordinates, geoopt.PoincareBall) is the reference
+these functions are tested against; they are not built on it because geoopt.Lorentz stores the
+time coordinate and evaluates arcosh in float64, and this module needs neither.
 
 Clamps: sinh/cosh inputs ≤ asinh(2^15) and space norms ≤ 2^15/√c (MERU's bound), asin/acos
 inputs within ±(1 − 1e-6), artanh inputs ≤ 1 − 1e-5, squared norms ≥ 1e-12 under every sqrt, so
@@ -46,12 +49,13 @@ the paper's text here:
                 we use MERU's definitions above with K = `cone_k` (DESIGN.md);
     Eq. 21      L = L_lm + λ1·L_order + λ2·L_balance; λ_align is kept separate (default 0).
 
-Token scale. A hidden state enters the exp map as it is, but the hyperboloid its group works on
-has curvature −c·α² in hidden-state coordinates, α = 1/√d: equivalently the token is scaled by
-α (MERU's feature scale, fixed here at MERU's initial value) and lives on the curvature −c
-hyperboloid. RMS-normalised states (‖h‖ ≈ √d) then sit at distance ≈ 1 from the origin for any
-width, so c = 1 is a sensible default, and the layers keep the dense FFN's weight scale. Reported
-distances (`origin_distance`, the alignment loss) are in the α-scaled units.
+Token scale. The experts run in hidden-state coordinates on the hyperboloid of curvature −κ,
+κ = c·α², α = 1/√d. Scaling coordinates by α maps it onto the curvature −c hyperboloid, so the
+exp/log maps and distances are those of the α-scaled token α·h at curvature −c (MERU scales its
+features by a learned α initialised to 1/√d; here α stays fixed and c is learned). RMS-normalised
+states (‖h‖ ≈ √d) then sit at distance ≈ 1 from the origin for any width, so c = 1 is a sensible
+default, while the layers keep the dense FFN's weight scale. The geometry losses use α-scaled
+projections at curvature −c, and reported distances (`origin_distance`, alignment) are in α units.
 """
 
 from __future__ import annotations
@@ -165,7 +169,8 @@ def lorentz_linear(
 
     weight (out, in) acts on x_s, time_weight (out,) is W's time column; returns y_s (..., out).
     """
-    return F.linear(x_space, weight, bias) + lorentz_time(x_space, curvature) * time_weight
+    full_point = torch.cat([lorentz_time(x_space, curvature), x_space], dim=-1)  # [x_t; x_s]
+    return F.linear(full_point, torch.cat([time_weight.unsqueeze(-1), weight], dim=-1), bias)
 
 
 # ----------------------------------------------------------------------------- Poincaré ball
@@ -201,6 +206,23 @@ def poincare_dist(x: torch.Tensor, y: torch.Tensor, curvature: Curvature) -> tor
     return lorentz_dist(poincare_to_lorentz(x, curvature), poincare_to_lorentz(y, curvature), curvature)
 
 
+def _scaled_hyperplane_distance(
+    x_space: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, curvature: Curvature
+) -> torch.Tensor:
+    """√c·v_k(x) = 2‖z_k‖·asinh(√c⟨λ_x·x, ẑ_k⟩·cosh(2√c r_k) − (λ_x − 1)·sinh(2√c r_k)).
+
+    The asinh argument of every k comes from one matmul of [√c·x_t; x_s] (x_s = λ_x·x).
+    """
+    sqrt_c = curvature**0.5
+    weight_norm = _norm(weight)  # (out, 1)
+    shift = (2.0 * sqrt_c * offset).clamp(-SINH_MAX, SINH_MAX).unsqueeze(-1)  # 2√c·r_k, (out, 1)
+    scaled_time = torch.sqrt(1.0 + curvature * x_space.square().sum(-1, keepdim=True))  # λ_x − 1 = √c·x_t
+    # [√c x_t; x_s] against [−sinh(2√c r_k); √c cosh(2√c r_k) ẑ_k] gives the asinh argument.
+    rows = torch.cat([-torch.sinh(shift), sqrt_c * torch.cosh(shift) * weight / weight_norm], dim=-1)
+    argument = F.linear(torch.cat([scaled_time, x_space], dim=-1), rows)  # (..., out)
+    return 2.0 * weight_norm.squeeze(-1) * torch.asinh(argument)
+
+
 def poincare_hyperplane_distance(
     x_space: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, curvature: Curvature
 ) -> torch.Tensor:
@@ -208,12 +230,7 @@ def poincare_hyperplane_distance(
 
     weight (out, in) holds the z_k as rows, offset (out,) the r_k; returns (..., out).
     """
-    sqrt_c = curvature**0.5
-    weight_norm = _norm(weight).squeeze(-1)  # (out,)
-    shift = (2.0 * sqrt_c * offset).clamp(-SINH_MAX, SINH_MAX)  # 2√c·r_k
-    scaled_time = torch.sqrt(1.0 + curvature * x_space.square().sum(-1, keepdim=True))  # λ_x − 1
-    projection = sqrt_c * F.linear(x_space, weight / weight_norm.unsqueeze(-1))  # λ_x·√c⟨x, ẑ_k⟩
-    return 2.0 * weight_norm / sqrt_c * torch.asinh(projection * torch.cosh(shift) - scaled_time * torch.sinh(shift))
+    return _scaled_hyperplane_distance(x_space, weight, offset, curvature) / curvature**0.5
 
 
 def poincare_fc_lifted(
@@ -223,9 +240,8 @@ def poincare_fc_lifted(
 
     w is the hyperboloid space part of the layer's ball output y = w/(1 + sqrt(1 + c‖w‖²)).
     """
-    sqrt_c = curvature**0.5
-    distance = poincare_hyperplane_distance(x_space, weight, offset, curvature)
-    return torch.sinh((sqrt_c * distance).clamp(-SINH_MAX, SINH_MAX)) / sqrt_c
+    scaled_distance = _scaled_hyperplane_distance(x_space, weight, offset, curvature)
+    return torch.sinh(scaled_distance.clamp(-SINH_MAX, SINH_MAX)) / curvature**0.5
 
 
 def poincare_fc(x: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, curvature: Curvature) -> torch.Tensor:
@@ -375,7 +391,8 @@ class HyperbolicExperts(ExpertGroup):
         exp_0 and once in v_k), and the time columns and offsets are zero. Each expert then equals
         the dense FFN in the flat limit c → 0; at the configured c it is that FFN bent by the
         geometry, so unlike a Euclidean expert it does not reproduce the dense output exactly.
-        If the group's width differs from the dense FFN's, nothing is copied and the random
+        An upcycled Lorentz expert starts as the dense FFN between the exp and log maps; its time
+        columns get gradient (x_t ≥ 1/√κ) and grow from zero. If the group's width differs from the dense FFN's, nothing is copied and the random
         initialisation stays.
         """
         gate = dense_mlp.gate_proj.weight
@@ -462,7 +479,9 @@ class HyperbolicExperts(ExpertGroup):
     def _record_origin_distance(self, point: torch.Tensor, kappa: torch.Tensor) -> None:
         # d_κ(o, x)·α is the distance on the α-scaled (curvature −c) hyperboloid.
         distance = lorentz_origin_dist(point.detach(), kappa.detach()).sum() * self.token_scale
-        self._origin_distance_sum = distance if self._origin_distance_sum is None else self._origin_distance_sum + distance
+        if self._origin_distance_sum is not None:
+            distance = distance + self._origin_distance_sum
+        self._origin_distance_sum = distance
         self._origin_distance_count += point.shape[0]
 
     # -- geometry losses -----------------------------------------------------------------------
@@ -490,8 +509,10 @@ class HyperbolicExperts(ExpertGroup):
             text_mean = _masked_mean(group_outputs[text_group].float(), language)[eligible]
             scale = self.token_scale * (2.0 if self.geometry == "poincare" else 1.0)
             curvature = self.curvature()
-            vision_point = lorentz_exp_map0(scale * F.linear(vision_mean, self.vision_projection.weight.float()), curvature)
-            text_point = lorentz_exp_map0(scale * F.linear(text_mean, self.text_projection.weight.float()), curvature)
+            vision_tangent = scale * F.linear(vision_mean, self.vision_projection.weight.float())
+            text_tangent = scale * F.linear(text_mean, self.text_projection.weight.float())
+            vision_point = lorentz_exp_map0(vision_tangent, curvature)
+            text_point = lorentz_exp_map0(text_tangent, curvature)
         return vision_point, text_point, eligible
 
     def aux_losses(
