@@ -190,6 +190,25 @@ def test_report_aggregates_seeds_and_writes_hparams(tmp_path):
     assert start.hparams["model.moe.routing.top_k"].number_value == 1
 
 
+def test_finished_cell_with_changed_config_is_refused_then_rerun_with_force(tmp_path):
+    path = write_grid(tmp_path / "g.yaml", name="g", base=MOIIE, axes={"model.moe.routing.top_k": [1, 2]})
+    grid = grid_lib.load_grid(path)
+    cells = grid_lib.expand(grid)
+    grid_lib.validate(grid, cells)
+    grid_dir = tmp_path / "grid"
+    grid_dir.mkdir()
+    (grid_dir / "grid.json").write_text(json.dumps(grid_lib.grid_spec(grid, cells)))
+    for cell, lr in zip(cells, (cells[0].config["optim.lr"], 0.123)):  # the 2nd ran under another lr
+        cell_dir = grid_dir / "cells" / cell.name
+        cell_dir.mkdir(parents=True)
+        (cell_dir / "cell.json").write_text(json.dumps({"config": {**cell.config, "optim.lr": lr}}))
+        (cell_dir / "metrics.json").write_text("{}")
+    with pytest.raises(ConfigError, match=re.escape(f"cell '{cells[1].name}' finished under another config (optim.lr: 0.123 -> ")):
+        grid_lib.check_grid_dir(grid_dir, grid, cells, force=False)
+    states = grid_lib.check_grid_dir(grid_dir, grid, cells, force=True)
+    assert states == {cells[0].name: "finished", cells[1].name: "stale"}
+
+
 # ---------------------------------------------------------------------------------------------
 # Running: a grid killed mid-cell, resumed, with a cell whose data is broken at load time
 
@@ -209,7 +228,8 @@ def resumed_grid(tmp_path_factory):
         root / "tiny.yaml",
         name="tiny",
         base=MOIIE,
-        overrides=TINY,
+        # Evaluation dominates a TINY run's time: one batch of 8, two generated tokens.
+        overrides=TINY + ["data.limit_val=8", "data.limit_test=8", "data.eval_batch_size=8", "data.max_answer_tokens=2"],
         variants={
             "top 1": ["model.moe.routing.top_k=1"],
             "top 2": ["model.moe.routing.top_k=2"],

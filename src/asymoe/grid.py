@@ -39,6 +39,7 @@ so the dashboard aggregates seeds).
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import difflib
 import fnmatch
@@ -53,6 +54,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -531,6 +533,25 @@ def _main_metric_text(grid_dir: Path, cell: Cell, metric: str) -> str:
     return f", {metric} {value:.4f}" if isinstance(value, (int, float)) else ""
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler's stop, `kill`) ends the grid like Ctrl-C: the running child is stopped
+    and marked interrupted instead of being left to write into a cell the next run will clear."""
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_cli(args) -> int:
     """`asymoe grid GRID_FILE [overrides] [--dry-run] [--only GLOB] [--quick] [--force] [--output DIR]`."""
     from asymoe.training.run import write_json_atomic
@@ -561,6 +582,19 @@ def run_cli(args) -> int:
 
     grid_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(grid_dir / SPEC_FILE, grid_spec(grid, cells))
+    with _terminate_as_interrupt():
+        failed = _run_cells(grid, grid_dir, selected, states)
+    paths, _ = write_report(grid_dir)
+    finished = sum(cell_state(grid_dir / CELLS_DIR / cell.name) == "finished" for cell in selected)
+    print(f"grid {grid.name}: {finished} of {len(selected)} cells finished" + (f", {len(failed)} failed: {', '.join(failed)}" if failed else ""))
+    print(f"summary: {paths['md']}  chart: {paths['png']}  hparams: tensorboard --logdir {paths['hparams']}")
+    return 1 if failed else 0
+
+
+def _run_cells(grid: Grid, grid_dir: Path, selected: list[Cell], states: dict[str, str]) -> list[str]:
+    """Run the selected cells that have not finished, one after another; return the failed ones."""
+    from asymoe.training.run import write_json_atomic
+
     to_run = [cell for cell in selected if states[cell.name] != "finished"]
     failed, durations = [], []
     for index, cell in enumerate(selected, 1):
@@ -600,12 +634,7 @@ def run_cli(args) -> int:
                 {"status": "failed", "returncode": returncode, "error": last_line, "log": str(log_path), "started": started, "seconds": seconds},
             )
             print(f"<== {heading}: FAILED (exit {returncode}) after {_format_seconds(seconds)}: {last_line}; log: {log_path}", flush=True)
-
-    paths, _ = write_report(grid_dir)
-    finished = sum(cell_state(grid_dir / CELLS_DIR / cell.name) == "finished" for cell in selected)
-    print(f"grid {grid.name}: {finished} of {len(selected)} cells finished" + (f", {len(failed)} failed: {', '.join(failed)}" if failed else ""))
-    print(f"summary: {paths['md']}  chart: {paths['png']}  hparams: tensorboard --logdir {paths['hparams']}")
-    return 1 if failed else 0
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -695,12 +724,13 @@ def write_summary_csv(path: Path, spec: dict, rows: list[GroupRow], metrics: lis
 
 def write_summary_md(path: Path, spec: dict, rows: list[GroupRow], metrics: list[str]) -> None:
     seeds = max(len(row.states) for row in rows)
-    header = [*spec["switch_columns"], "seeds", *(k.split("/", 1)[1] for k in PARAM_KEYS), *metrics, "time/cell", "status"]
+    header = [*spec["switch_columns"], "seeds", *(k.split("/", 1)[1] for k in PARAM_KEYS), *metrics, "time", "status"]
     lines = [
         f"# Grid `{spec['name']}`",
         "",
         f"From `{spec['grid_file']}`{' with --quick' if spec.get('quick') else ''}. "
-        f"Metrics: mean ± sample std over {seeds} seed(s); parameters: activated per token as the model counts them.",
+        f"Metrics: mean ± sample std over the finished seeds (of {seeds}); parameters as the model counts them "
+        "(total, activated per vision / language token); time: a cell's train + test time (time/total_s).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
@@ -722,29 +752,46 @@ def write_summary_md(path: Path, spec: dict, rows: list[GroupRow], metrics: list
 
 
 def write_chart(path: Path, spec: dict, rows: list[GroupRow]) -> None:
-    """Bar chart of the main metric per group, error bars = sample std over seeds."""
+    """Bar chart of the main metric per group, error bars = sample std over seeds.
+
+    Groups none of whose cells has started (--only) are left out; failed ones show their status.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     metric = spec["metric"]
-    figure = Figure(figsize=(max(6.0, 1.1 * len(rows) + 2.0), 5.0), layout="constrained")
+    never_run = sum(set(row.states) == {"missing"} for row in rows)
+    rows = [row for row in rows if set(row.states) != {"missing"}] or rows
+    labels = [row.group.replace("__", "\n") for row in rows]
+    longest = max(len(line) for label in labels for line in label.splitlines())
+    bar_width_inches = max(1.1, 0.07 * longest)
+    figure = Figure(figsize=(max(6.0, bar_width_inches * len(rows) + 1.5), 5.0), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots()
     positions = list(range(len(rows)))
-    means, errors = [], []
-    for row in rows:
-        mean, std = row.mean_std(metric)
-        means.append(0.0 if mean is None else mean)
-        errors.append(0.0 if std is None else std)
-    bars = axes.bar(positions, means, yerr=errors, capsize=4, color="#4C72B0")
-    for bar, row, mean in zip(bars, rows, means):
-        label = f"{mean:.3f}" if row.values(metric) else f"no {metric}" if row.metrics else row.status
-        axes.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                      xytext=(0, 3), textcoords="offset points", fontsize=8)
-    axes.set_xticks(positions, [row.group.replace("__", "\n") for row in rows], fontsize=8)
+    stats = [row.mean_std(metric) for row in rows]
+    means = [0.0 if mean is None else mean for mean, _ in stats]
+    bars = axes.bar(positions, means, color="#4C72B0")
+    with_spread = [(x, mean, std) for x, (mean, std) in zip(positions, stats) if std is not None]
+    if with_spread:
+        xs, ys, errors = zip(*with_spread)
+        axes.errorbar(xs, ys, yerr=errors, fmt="none", ecolor="black", capsize=4)
+    for bar, row, (mean, std) in zip(bars, rows, stats):
+        if mean is None:
+            label = f"no {metric}" if row.metrics else row.status
+        else:
+            label = f"{mean:.3f}" + ("" if std is None else f" ± {std:.3f}")
+        axes.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height() + (std or 0.0)), ha="center",
+                      va="bottom", xytext=(0, 3), textcoords="offset points", fontsize=8)
+    axes.set_xticks(positions, labels, fontsize=8)
     axes.set_ylabel(metric)
-    seeds = max(len(row.states) for row in rows)
-    axes.set_title(f"{spec['name']}: {metric} (mean ± std over {seeds} seed{'s' if seeds > 1 else ''})")
+    seeds = max(len(row.metrics) for row in rows)
+    title = f"{spec['name']}: {metric}, " + (
+        f"mean ± sample std over up to {seeds} seeds" if seeds > 1 else "one seed per group"
+    )
+    if never_run:
+        title += f" ({never_run} group{'s' if never_run > 1 else ''} not run)"
+    axes.set_title(title, fontsize=10)
     axes.grid(axis="y", alpha=0.3)
     figure.savefig(path, dpi=120)
 
@@ -821,7 +868,7 @@ def report_cli(args) -> int:
     paths, rows = write_report(grid_dir)
     print(paths["md"].read_text())
     print(f"wrote {paths['csv']}, {paths['md']}, {paths['png']}; tensorboard --logdir {paths['hparams']}")
-    missing = [row.group for row in rows if row.status != "finished"]
-    if missing:
-        print(f"{len(missing)} of {len(rows)} groups incomplete: {', '.join(missing)}")
+    incomplete = sum(row.status != "finished" for row in rows)
+    if incomplete:
+        print(f"{incomplete} of {len(rows)} groups have unfinished seeds (see the status column)")
     return 0

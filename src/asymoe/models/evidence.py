@@ -44,13 +44,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from asymoe.config import ConfigError, EvidenceConfig
-from asymoe.models.experts import ExpertGroup
-
-
-def gated_ffn(tokens: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn) -> torch.Tensor:
-    """down · (act(gate · x) ⊙ (up · x)) with gate_up_proj (2f, in) and down_proj (d, f)."""
-    gate, up = F.linear(tokens, gate_up_proj).chunk(2, dim=-1)  # (n, f) each
-    return F.linear(act_fn(gate) * up, down_proj)  # (n, d)
+from asymoe.models.experts import ExpertGroup, gated_ffn
 
 
 def evidence_attention(

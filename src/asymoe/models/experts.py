@@ -18,6 +18,12 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 
+def gated_ffn(tokens: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn) -> torch.Tensor:
+    """down · (act(gate · x) ⊙ (up · x)) with gate_up_proj (2f, in) and down_proj (d, f)."""
+    gate, up = F.linear(tokens, gate_up_proj).chunk(2, dim=-1)  # (n, f) each
+    return F.linear(act_fn(gate) * up, down_proj)  # (n, d)
+
+
 class ExpertGroup(nn.Module):
     """Base class of an expert group.
 
@@ -106,5 +112,4 @@ class FFNExperts(ExpertGroup):
         self.down_proj.copy_(down.unsqueeze(0).expand_as(self.down_proj))
 
     def expert_forward(self, expert: int, tokens: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
-        gate, up = F.linear(tokens, self.gate_up_proj[expert]).chunk(2, dim=-1)  # (n, f) each
-        return F.linear(self.act_fn(gate) * up, self.down_proj[expert])  # (n, d)
+        return gated_ffn(tokens, self.gate_up_proj[expert], self.down_proj[expert], self.act_fn)
