@@ -196,8 +196,15 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
+    # auto | ddp | fsdp (Lightning FSDPStrategy, GPU only) | fsdp2 (ModelParallelStrategy + fully_shard).
     strategy: str = "auto"
     precision: str = "32-true"
+    # fsdp / fsdp2: recompute each decoder layer and vision block in the backward pass.
+    activation_checkpointing: bool = False
+    # fsdp / fsdp2 checkpoints: sharded (a folder, one shard per rank) | full (one file from rank 0).
+    state_dict_type: str = "sharded"
+    # Continue a run: `last` (output_dir/checkpoints/last.ckpt) or a checkpoint path.
+    resume: Optional[str] = None
     gradient_clip_val: Optional[float] = 1.0
     accumulate_grad_batches: int = 1
     val_check_interval: Any = 1.0
@@ -288,7 +295,7 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
         raise ConfigError(f"overrides: {str(error).splitlines()[0]}") from None
 
 
-def _merge_onto_schema(layers: list[tuple[str, DictConfig]]) -> DictConfig:
+def merge_onto_schema(layers: list[tuple[str, DictConfig]]) -> DictConfig:
     merged = OmegaConf.structured(Config)
     for origin, layer in layers:
         try:
@@ -328,7 +335,7 @@ def load(config: str | os.PathLike | None = None, overrides: list[str] | None = 
         layers.append((str(path), _read_yaml(path)))
     if overrides:
         layers.append(("overrides", _parse_overrides(list(overrides))))
-    merged = _merge_onto_schema(layers)
+    merged = merge_onto_schema(layers)
     try:
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as error:
@@ -435,7 +442,30 @@ def validate(cfg: Config) -> None:
         ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed"),
         where,
     )
+    _validate_trainer(cfg, where)
     _validate_moe(cfg, where)
+
+
+def _validate_trainer(cfg: Config, where: str) -> None:
+    t = cfg.trainer
+    _choice(t.strategy, "trainer.strategy", ("auto", "ddp", "fsdp", "fsdp2"), where)
+    _choice(t.state_dict_type, "trainer.state_dict_type", ("sharded", "full"), where)
+    if t.num_nodes < 1:
+        raise ConfigError(f"{where}: trainer.num_nodes must be >= 1, got {t.num_nodes}")
+    if t.strategy == "fsdp" and t.accelerator == "cpu":
+        raise ConfigError(
+            f"{where}: trainer.strategy='fsdp' (Lightning FSDPStrategy) needs a GPU; on CPU use trainer.strategy=fsdp2 or ddp"
+        )
+    if t.activation_checkpointing and t.strategy not in ("fsdp", "fsdp2"):
+        raise ConfigError(f"{where}: trainer.activation_checkpointing needs trainer.strategy fsdp or fsdp2")
+    devices = t.devices
+    many = t.num_nodes > 1 or (isinstance(devices, int) and devices > 1) or (isinstance(devices, (list, ListConfig)) and len(devices) > 1)
+    if many and not cfg.output_dir:
+        raise ConfigError(f"{where}: a multi-process run (trainer.devices/num_nodes) needs output_dir, so every process writes to one run directory")
+    if t.resume == "last" and not cfg.output_dir:
+        raise ConfigError(f"{where}: trainer.resume='last' needs output_dir (the run directory to continue)")
+    if t.resume not in (None, "last") and not Path(t.resume).exists():
+        raise ConfigError(f"{where}: trainer.resume: checkpoint not found: {t.resume} (give a .ckpt file, a sharded checkpoint folder, or 'last')")
 
 
 def _validate_moe(cfg: Config, where: str) -> None:

@@ -330,7 +330,7 @@ def _check_axes(grid: Grid) -> None:
                 layer = OmegaConf.from_dotlist([f"{key}={override_value(value)}"])
             except Exception as error:
                 raise ConfigError(f"{grid.path}: axes.{key}: {str(error).splitlines()[0]}") from None
-            config_lib._merge_onto_schema([(f"{grid.path}: axes", layer)])
+            config_lib.merge_onto_schema([(f"{grid.path}: axes", layer)])
 
 
 def validate(grid: Grid, cells: list[Cell]) -> None:
@@ -459,10 +459,6 @@ def _last_error_line(tail: bytes) -> str:
     return lines[-1] if lines else "no output"
 
 
-def _terminal_columns() -> str:
-    return str(shutil.get_terminal_size().columns)
-
-
 def run_cell(cell: Cell, cell_dir: Path) -> tuple[int, str]:
     """Run one cell's `asymoe fit` in a child process, its output shown live and kept in log.txt.
 
@@ -475,7 +471,7 @@ def run_cell(cell: Cell, cell_dir: Path) -> tuple[int, str]:
     if use_pty:
         import pty
 
-        env["COLUMNS"] = _terminal_columns()
+        env["COLUMNS"] = str(shutil.get_terminal_size().columns)
         read_fd, child_fd = pty.openpty()
         child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=child_fd, stderr=child_fd, env=env)
         os.close(child_fd)
@@ -698,10 +694,6 @@ def _switch_text(value: Any) -> str:
     return str(value)
 
 
-def _number(value: float | None, digits: int = 4) -> str:
-    return "" if value is None else f"{value:.{digits}f}"
-
-
 def write_summary_csv(path: Path, spec: dict, rows: list[GroupRow], metrics: list[str]) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -713,12 +705,13 @@ def write_summary_csv(path: Path, spec: dict, rows: list[GroupRow], metrics: lis
         for row in rows:
             params = [row.mean_std(key)[0] for key in PARAM_KEYS]
             stats = [row.mean_std(key) for key in metrics]
+            seconds = row.mean_std("time/total_s")[0]
             writer.writerow(
                 [row.group, *[_switch_text(row.switches.get(c)) for c in spec["switch_columns"]]]
                 + [len(row.metrics), len(row.states), row.status]
                 + ["" if p is None else int(round(p)) for p in params]
                 + ["" if x is None else x for mean, std in stats for x in (mean, std)]
-                + [_number(row.mean_std("time/total_s")[0], 1)]
+                + ["" if seconds is None else round(seconds, 1)]
             )
 
 

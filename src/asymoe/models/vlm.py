@@ -52,6 +52,18 @@ class VisionLanguageModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.projector(self.vision(pixel_values))  # (images, image_tokens, d)
 
+    def _absent_images_term(self, device: torch.device) -> torch.Tensor:
+        """A zero that depends on every encoder and projector parameter, for batches without images.
+
+        Under DDP/FSDP each rank must run the same modules: FSDP all-gathers a module's shards in
+        its forward, DDP expects a gradient for every parameter. A text-only batch therefore still
+        runs the encoder and projector, on a zero-size batch: no cost, no BatchNorm statistics
+        update (an empty batch leaves running mean/var unchanged), and exact-zero gradients.
+        """
+        size = self.config.vision.image_size
+        empty = torch.zeros(0, 3, size, size, device=device)
+        return 0.0 * self.encode_images(empty).sum()
+
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None, image_index: torch.Tensor) -> torch.Tensor:
         """Token embeddings with each sample's image features at its placeholder positions."""
         embeds = self.lm.get_input_embeddings()(input_ids)  # (batch, seq, d)
@@ -77,6 +89,9 @@ class VisionLanguageModel(nn.Module):
     ) -> VLMOutput:
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values)
+        absent_images_term = None
+        if image_features is None and self.training and torch.is_grad_enabled():
+            absent_images_term = self._absent_images_term(input_ids.device)
         vision_mask = input_ids == self.image_token_id
         placeholders = vision_mask.sum(dim=1)
         expected = torch.where(image_index >= 0, self.num_image_tokens, 0)
@@ -85,6 +100,8 @@ class VisionLanguageModel(nn.Module):
                 f"each sample with an image needs exactly {self.num_image_tokens} image placeholder tokens; got {placeholders.tolist()}"
             )
         embeds = self.embed(input_ids, image_features, image_index)
+        if absent_images_term is not None:
+            embeds = embeds + absent_images_term.to(embeds.dtype)
         self.moe_state.set(
             TokenMeta(
                 vision_mask=vision_mask,

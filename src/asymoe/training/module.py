@@ -9,11 +9,14 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from asymoe import config as config_lib
 from asymoe.config import Config
 from asymoe.data.tokenizer import Tokenizer
 from asymoe.models.vlm import VisionLanguageModel, group_parameters
+from asymoe.training.strategy import apply_fsdp2
 
 QUESTION_TYPES = ("all", "yes/no", "shape", "color")
+MODEL_CONFIG_KEY = "asymoe_model_config"
 NO_DECAY_MARKERS = ("bias", "norm", "curvature", "scale", "alpha", "logit_bias")
 
 
@@ -126,12 +129,24 @@ class VLMModule(L.LightningModule):
         n = max(self.routing_batches, 1)
         return {key: total / n for key, total in self.routing_totals.items()}
 
-    # -- checkpoint: carry the vocabulary so `asymoe test` needs only the .ckpt -------------------
+    # -- sharding: FSDP2 is applied here, after the strategy set up the process group -----------
+
+    def configure_model(self) -> None:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        t = self.config.trainer
+        apply_fsdp2(self.model, self.device_mesh["data_parallel"], t.precision, t.activation_checkpointing)
+
+    # -- checkpoint: carry the vocabulary and the model config, so `asymoe test` needs only the
+    # checkpoint and a resume can refuse a checkpoint of another model -------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         vocab = getattr(self.tokenizer, "vocab", None)
         if vocab is not None:
             checkpoint["asymoe_vocab"] = list(vocab)
+        checkpoint[MODEL_CONFIG_KEY] = config_lib.to_dict(self.config)["model"]
 
     # -- optimiser ------------------------------------------------------------------------------
 

@@ -23,7 +23,15 @@ from asymoe.config import Config, ConfigError
 from asymoe.data.datamodule import VQADataModule
 from asymoe.data.tokenizer import WordTokenizer
 from asymoe.training.callbacks import RoutingLogger
-from asymoe.training.module import VLMModule
+from asymoe.training.module import MODEL_CONFIG_KEY, VLMModule
+from asymoe.training.strategy import (
+    build_strategy,
+    check_devices,
+    checkpoint_metadata,
+    is_sharded_checkpoint,
+    load_full_checkpoint,
+    shard_loader,
+)
 
 METRICS_FILE = "metrics.json"
 
@@ -41,10 +49,10 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def build_trainer(cfg: Config, run_dir: Path, callbacks: list, logger=True) -> L.Trainer:
+def build_trainer(cfg: Config, run_dir: Path, callbacks: list, logger=True, model=None) -> L.Trainer:
+    """The Lightning Trainer for `cfg.trainer`; `model` (the VisionLanguageModel) names FSDP's wrap units."""
     t = cfg.trainer
-    if t.accelerator == "gpu" and not torch.cuda.is_available():
-        raise ConfigError("trainer.accelerator='gpu' but no CUDA device is visible; use accelerator=cpu or auto")
+    check_devices(cfg)
     if logger is True:
         logger = TensorBoardLogger(save_dir=str(run_dir), name="tb", version="", default_hp_metric=False)
     return L.Trainer(
@@ -54,7 +62,9 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list, logger=True) -> L
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=build_strategy(cfg, model),
+        # Training batches are split per rank by `shard_loader`; evaluation runs in full on every rank.
+        use_distributed_sampler=False,
         precision=t.precision,
         gradient_clip_val=t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches,
@@ -116,8 +126,15 @@ def fit(cfg: Config) -> dict:
         save_last=True,
         save_top_k=1,
     )
-    trainer = build_trainer(cfg, run_dir, [checkpoint, RoutingLogger()])
-    trainer.fit(module, datamodule=datamodule)
+    resume = resume_checkpoint(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, [checkpoint, RoutingLogger()], model=module.model)
+    train_loader = shard_loader(datamodule.train_dataloader(), trainer.global_rank, trainer.world_size)
+    trainer.fit(
+        module,
+        train_dataloaders=train_loader,
+        val_dataloaders=datamodule.val_dataloader(),
+        ckpt_path=str(resume) if resume else None,
+    )
     train_seconds = time.time() - started
     fit_metrics = _scalar_metrics(trainer.callback_metrics)
     ckpt_path = checkpoint.best_model_path or None
@@ -140,6 +157,31 @@ def fit(cfg: Config) -> dict:
     return metrics
 
 
+def resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint `trainer.resume` names, checked to hold a model of this config."""
+    resume = cfg.trainer.resume
+    if resume is None:
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
+    if not path.exists():
+        raise ConfigError(f"trainer.resume={resume}: checkpoint not found: {path}")
+    saved = checkpoint_metadata(path).get(MODEL_CONFIG_KEY)
+    current = config_lib.to_dict(cfg)["model"]
+    if saved is not None and saved != current:
+        differing = sorted(_differing_keys(saved, current, "model"))
+        raise ConfigError(
+            f"trainer.resume={resume}: {path} holds a different model (config differs at {', '.join(differing[:3])})"
+        )
+    return path
+
+
+def _differing_keys(a, b, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = set(a) | set(b)
+        return [k for key in keys for k in _differing_keys(a.get(key), b.get(key), f"{prefix}.{key}")]
+    return [] if a == b else [prefix]
+
+
 def load_tokenizer_for(cfg: Config, checkpoint: dict):
     vocab = checkpoint.get("asymoe_vocab")
     if vocab is not None:
@@ -150,9 +192,9 @@ def load_tokenizer_for(cfg: Config, checkpoint: dict):
 def test(cfg: Config, ckpt: str) -> dict:
     """Evaluate a checkpoint on the test split of `cfg`'s data."""
     path = Path(ckpt)
-    if not path.is_file():
-        raise ConfigError(f"ckpt: checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not (path.is_file() or is_sharded_checkpoint(path)):
+        raise ConfigError(f"ckpt: checkpoint not found: {path} (a .ckpt file or a sharded checkpoint folder)")
+    state = load_full_checkpoint(path)
     datamodule = VQADataModule(cfg)
     datamodule.prepare()
     tokenizer = load_tokenizer_for(cfg, state) or datamodule.tokenizer
@@ -166,7 +208,7 @@ def test(cfg: Config, ckpt: str) -> dict:
         ) from None
     datamodule.encode(module.model.num_image_tokens)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    trainer = build_trainer(cfg, run_dir / "test", [], logger=False)
+    trainer = build_trainer(cfg, run_dir / "test", [], logger=False, model=module.model)
     results = trainer.test(module, datamodule=datamodule, verbose=False)
     return _scalar_metrics(results[0])
 
