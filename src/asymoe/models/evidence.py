@@ -41,10 +41,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
 from asymoe.config import ConfigError, EvidenceConfig
-from asymoe.models.experts import ExpertGroup, gated_ffn
+from asymoe.models.experts import FFNExperts, gated_ffn
 
 
 def evidence_attention(
@@ -103,8 +102,10 @@ class EvidenceCrossAttention(nn.Module):
         return self.o_proj(attended.transpose(1, 2).reshape(batch, seq, width))
 
 
-class EvidenceExperts(ExpertGroup):
+class EvidenceExperts(FFNExperts):
     """AsyMoE evidence-priority experts (module docstring: equations and our reading).
+
+    The memory branch is the inherited gated-FFN experts (W1 = gate_up_proj, W2 = down_proj).
 
     prepare() returns per-token extras: "context" (tokens, d) = CrossAttn(h, c), "alpha"
     (tokens, experts) = each expert's gate, and with route_bias "s_evd" (tokens,) in float32.
@@ -118,20 +119,12 @@ class EvidenceExperts(ExpertGroup):
         activation: str = "silu",
         config: EvidenceConfig | None = None,
     ):
-        super().__init__()
-        config = config if config is not None else EvidenceConfig()
-        self.num_experts = num_experts
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.act_fn = ACT2FN[activation]
         # Memory branch (Eq. 7): W1, W2.
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        super().__init__(num_experts, hidden_size, intermediate_size, activation)
+        config = config if config is not None else EvidenceConfig()
         # Evidence branch (Eq. 8): W3 over [h ; context], W4.
         self.evidence_gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, 2 * hidden_size))
         self.evidence_down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        nn.init.normal_(self.gate_up_proj, std=hidden_size**-0.5)
-        nn.init.normal_(self.down_proj, std=intermediate_size**-0.5)
         nn.init.normal_(self.evidence_gate_up_proj, std=(2 * hidden_size) ** -0.5)
         nn.init.normal_(self.evidence_down_proj, std=intermediate_size**-0.5)
         self.cross_attention = EvidenceCrossAttention(hidden_size, config.heads)
@@ -152,13 +145,9 @@ class EvidenceExperts(ExpertGroup):
     @torch.no_grad()
     def upcycle_from(self, dense_mlp: nn.Module) -> None:
         """Both branches of every expert become the dense MLP (W3's context columns 0): exact parity."""
-        gate = dense_mlp.gate_proj.weight
-        up = dense_mlp.up_proj.weight
-        down = dense_mlp.down_proj.weight
-        assert gate.shape == (self.intermediate_size, self.hidden_size), "upcycling needs the dense FFN's width"
-        gate_up = torch.cat([gate, up], dim=0)  # (2f, d)
-        self.gate_up_proj.copy_(gate_up.unsqueeze(0).expand_as(self.gate_up_proj))
-        self.down_proj.copy_(down.unsqueeze(0).expand_as(self.down_proj))
+        super().upcycle_from(dense_mlp)
+        gate_up = self.gate_up_proj[0]  # (2f, d), the dense FFN's
+        down = self.down_proj[0]  # (d, f)
         self.evidence_gate_up_proj.zero_()
         self.evidence_gate_up_proj[:, :, : self.hidden_size] = gate_up
         self.evidence_down_proj.copy_(down.unsqueeze(0).expand_as(self.evidence_down_proj))

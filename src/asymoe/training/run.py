@@ -102,8 +102,11 @@ def switched_hparams(cfg: Config) -> dict:
     return flat
 
 
-def fit(cfg: Config) -> dict:
-    """Train, validate, test the best checkpoint; return (and write) the final metrics."""
+def fit(cfg: Config, callbacks: list | None = None) -> dict:
+    """Train, validate, test the best checkpoint; return (and write) the final metrics.
+
+    `callbacks`: extra Lightning callbacks (instrumentation, tests) next to checkpointing and routing logs.
+    """
     started = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = run_directory(cfg)
@@ -112,6 +115,7 @@ def fit(cfg: Config) -> dict:
     tokenizer = datamodule.prepare(run_dir)
     module = VLMModule(cfg, tokenizer)
     datamodule.encode(module.model.num_image_tokens)
+    resume = resume_checkpoint(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / METRICS_FILE).unlink(missing_ok=True)
     cfg.output_dir = str(run_dir)
@@ -126,8 +130,7 @@ def fit(cfg: Config) -> dict:
         save_last=True,
         save_top_k=1,
     )
-    resume = resume_checkpoint(cfg, run_dir)
-    trainer = build_trainer(cfg, run_dir, [checkpoint, RoutingLogger()], model=module.model)
+    trainer = build_trainer(cfg, run_dir, [checkpoint, RoutingLogger(), *(callbacks or [])], model=module.model)
     train_loader = shard_loader(datamodule.train_dataloader(), trainer.global_rank, trainer.world_size)
     trainer.fit(
         module,
