@@ -54,6 +54,8 @@ BAD = [
     (["model.moe.routing.vision_tail.enabled=true", "model.moe.routing.vision_tail.top_a=2"], "top_a=2 must be > top_k=2", ""),
     (["model.moe.geometry_loss.align_weight=0.1"], "needs a hyperbolic shared group", ""),
     (["topk=2"], "unknown key 'topk'", ""),
+    (["model.moe.enabled=false", "model.moe.routing.vision_tail.enabled=true"], "vision_tail.enabled needs MoE layers", ""),
+    (["model.moe.groups.vision.kind=evidence"], "kind='evidence' is only valid for the language group", ""),
 ]
 
 

@@ -506,6 +506,10 @@ def _validate_moe(cfg: Config, where: str) -> None:
     if geometry.align_weight < 0 or geometry.order_weight < 0:
         raise ConfigError(f"{where}: model.moe.geometry_loss weights must be >= 0")
     if not moe.enabled:
+        if moe.routing.vision_tail.enabled:
+            raise ConfigError(
+                f"{where}: model.moe.routing.vision_tail.enabled needs MoE layers (model.moe.enabled=false builds none)"
+            )
         return
     if geometry.align_weight > 0 or geometry.order_weight > 0:
         shared = moe.groups.shared
