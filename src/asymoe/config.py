@@ -55,6 +55,8 @@ class LanguageConfig:
     num_heads: int = 4
     num_kv_heads: int = 4
     max_position_embeddings: int = 256
+    # Std of the scratch LM's weight init (HF's default 0.02 is tuned for wide models).
+    initializer_range: float = 0.02
 
 
 @dataclass

@@ -419,7 +419,8 @@ class HyperbolicExperts(ExpertGroup):
 
     def expert_parameter_count(self) -> int:
         """Parameters one expert uses per token (the loss projections and curvature excluded)."""
-        return sum(weight[0].numel() for weight in self._expert_weights())
+        # numel() // shape[0], not weight[0]: indexing a sharded (FSDP2 DTensor) weight is a collective.
+        return sum(weight.numel() // weight.shape[0] for weight in self._expert_weights())
 
     def dispatch(
         self,

@@ -46,6 +46,7 @@ def build_language_model(config: LanguageConfig, vocab_size: int) -> PreTrainedM
         num_attention_heads=config.num_heads,
         num_key_value_heads=config.num_kv_heads,
         max_position_embeddings=config.max_position_embeddings,
+        initializer_range=config.initializer_range,
         tie_word_embeddings=False,
     )
     if config.hidden_size % config.num_heads:

@@ -177,21 +177,23 @@ def apply_fsdp2(model: nn.Module, mesh, precision: str, activation_checkpointing
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: one share of the training batches per rank
+# Training data: one share of the batches per rank, resumable mid-epoch
 
 
 class RankBatchSampler(Sampler[list[int]]):
     """Rank `rank`'s share of a batch sampler: batches rank, rank + world, ...; equal counts on all ranks.
 
-    The image-grouped batches are variable in size, so Lightning's DistributedSampler cannot be
-    injected; every rank builds the same (seeded) batch list and keeps its stride. Dropping the
-    remainder keeps the number of steps equal on every rank, which collective ops require.
+    The image-grouped batches vary in size, so Lightning's DistributedSampler cannot be injected;
+    every rank builds the same (seeded) batch list and keeps its stride. Dropping the remainder
+    keeps the number of steps equal on every rank, which collective ops require. `skip` drops the
+    first batches of the next epoch only (a resumed run continues where the checkpoint was taken).
     """
 
     def __init__(self, batch_sampler: Sampler[list[int]], rank: int, world_size: int):
         self.batch_sampler = batch_sampler
         self.rank = rank
         self.world_size = world_size
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.batch_sampler, "set_epoch"):
@@ -200,27 +202,57 @@ class RankBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         batches = list(self.batch_sampler)
         usable = len(batches) // self.world_size * self.world_size
-        yield from batches[self.rank : usable : self.world_size]
+        skip, self.skip = self.skip, 0
+        yield from batches[self.rank : usable : self.world_size][skip:]
 
     def __len__(self) -> int:
         return len(self.batch_sampler) // self.world_size  # type: ignore[arg-type]
 
 
-def shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
-    """The same loader over this rank's share of the batches (itself when one process)."""
-    if world_size == 1:
-        return loader
+class TrainLoader(DataLoader):
+    """The training loader of one rank, with Lightning's `state_dict` / `load_state_dict` protocol.
+
+    Lightning stores this state in the checkpoint's fit-loop state and hands it back before the
+    first batch of a resumed run, so a mid-epoch resume continues with the next unseen batch
+    instead of replaying the epoch from its start. Lightning's training fetcher pulls one batch
+    ahead of the step it runs (to know the epoch's end), so the batches consumed are the batches
+    pulled minus one, or all of them once the iterator is exhausted.
+    """
+
+    def __init__(self, loader: DataLoader, rank: int, world_size: int):
+        super().__init__(
+            loader.dataset,
+            batch_sampler=RankBatchSampler(loader.batch_sampler, rank, world_size),
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+        )
+        self._pulled = 0
+        self._exhausted = False
+
+    def __iter__(self):
+        self._pulled, self._exhausted = self.batch_sampler.skip, False
+        for batch in super().__iter__():
+            self._pulled += 1
+            yield batch
+        self._exhausted = True
+
+    def state_dict(self) -> dict:
+        consumed = self._pulled if self._exhausted else max(self._pulled - 1, 0)
+        return {"batches_consumed": consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        consumed = int(state.get("batches_consumed", 0))
+        self.batch_sampler.skip = consumed if consumed < len(self.batch_sampler) else 0
+
+
+def shard_loader(loader: DataLoader, rank: int, world_size: int) -> TrainLoader:
+    """`loader` restricted to this rank's share of the batches, resumable mid-epoch."""
     if len(loader.batch_sampler) < world_size:  # type: ignore[arg-type]
         raise ConfigError(
             f"the training split has {len(loader.batch_sampler)} batches, fewer than the {world_size} processes; "
             "lower data.images_per_batch or use fewer devices"
         )
-    return DataLoader(
-        loader.dataset,
-        batch_sampler=RankBatchSampler(loader.batch_sampler, rank, world_size),
-        collate_fn=loader.collate_fn,
-        num_workers=loader.num_workers,
-    )
+    return TrainLoader(loader, rank, world_size)
 
 
 # ---------------------------------------------------------------------------------------------
