@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -18,7 +19,7 @@ def test_experiment_trains_two_steps(path, tiny_overrides):
     cfg = config_lib.load(path, tiny_overrides)
     metrics = fit(cfg)
     run_dir = cfg.output_dir
-    saved = json.loads((__import__("pathlib").Path(run_dir) / "metrics.json").read_text())
+    saved = json.loads((Path(run_dir) / "metrics.json").read_text())
     assert saved["test/accuracy"] == pytest.approx(metrics["test/accuracy"])
     assert 0.0 <= metrics["test/accuracy"] <= 1.0
     assert metrics["train/loss"] == metrics["train/loss"]  # finite, not NaN
@@ -57,3 +58,18 @@ def test_tensorboard_tags(tiny_overrides):
     assert expected <= scalars, expected - scalars
     images = set(events.Tags()["images"])
     assert {"routing_heatmap/vision", "routing_heatmap/language"} <= images
+
+
+def test_checkpoint_reproduces_test_accuracy(tiny_overrides, capsys):
+    """`asymoe test` on the run's best checkpoint gives the accuracy the run reported."""
+    from asymoe import cli
+
+    cfg = config_lib.load("vanilla_moe", tiny_overrides)
+    metrics = fit(cfg)
+    best = json.loads((Path(cfg.output_dir) / "metrics.json").read_text())["best_checkpoint"]
+    assert best and best.endswith(".ckpt")
+    code = cli.main(["test", "vanilla_moe", *tiny_overrides, f"ckpt={best}"])
+    assert code == 0
+    out = capsys.readouterr().out
+    reported = json.loads(out[out.index("{"):])
+    assert reported["test/accuracy"] == pytest.approx(metrics["test/accuracy"], abs=1e-6)

@@ -39,8 +39,12 @@ class VisionEncoder(nn.Module):
         self.freeze = config.freeze
         if config.freeze:
             self.model.requires_grad_(False)
+        # Probe the token layout in eval mode: a train-mode forward would move BatchNorm statistics.
+        training = self.model.training
+        self.model.eval()
         with torch.no_grad():
             probe = self.tokens(torch.zeros(1, 3, config.image_size, config.image_size))
+        self.model.train(training)
         self.num_tokens = probe.shape[1]
         self.out_dim = probe.shape[2]
 

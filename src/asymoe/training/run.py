@@ -30,6 +30,7 @@ from asymoe.training.strategy import (
     checkpoint_metadata,
     is_sharded_checkpoint,
     load_full_checkpoint,
+    saved_loader_state,
     shard_loader,
 )
 
@@ -115,7 +116,7 @@ def fit(cfg: Config, callbacks: list | None = None) -> dict:
     tokenizer = datamodule.prepare(run_dir)
     module = VLMModule(cfg, tokenizer)
     datamodule.encode(module.model.num_image_tokens)
-    resume = resume_checkpoint(cfg, run_dir)
+    resume, resume_metadata = resume_checkpoint(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / METRICS_FILE).unlink(missing_ok=True)
     cfg.output_dir = str(run_dir)
@@ -132,6 +133,8 @@ def fit(cfg: Config, callbacks: list | None = None) -> dict:
     )
     trainer = build_trainer(cfg, run_dir, [checkpoint, RoutingLogger(), *(callbacks or [])], model=module.model)
     train_loader = shard_loader(datamodule.train_dataloader(), trainer.global_rank, trainer.world_size)
+    if resume_metadata is not None and (loader_state := saved_loader_state(resume_metadata)) is not None:
+        train_loader.load_state_dict(loader_state)
     trainer.fit(
         module,
         train_dataloaders=train_loader,
@@ -160,22 +163,23 @@ def fit(cfg: Config, callbacks: list | None = None) -> dict:
     return metrics
 
 
-def resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
-    """The checkpoint `trainer.resume` names, checked to hold a model of this config."""
+def resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[Path | None, dict | None]:
+    """The checkpoint `trainer.resume` names and its metadata, checked to hold a model of this config."""
     resume = cfg.trainer.resume
     if resume is None:
-        return None
+        return None, None
     path = run_dir / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
     if not path.exists():
         raise ConfigError(f"trainer.resume={resume}: checkpoint not found: {path}")
-    saved = checkpoint_metadata(path).get(MODEL_CONFIG_KEY)
+    metadata = checkpoint_metadata(path)
+    saved = metadata.get(MODEL_CONFIG_KEY)
     current = config_lib.to_dict(cfg)["model"]
     if saved is not None and saved != current:
         differing = sorted(_differing_keys(saved, current, "model"))
         raise ConfigError(
             f"trainer.resume={resume}: {path} holds a different model (config differs at {', '.join(differing[:3])})"
         )
-    return path
+    return path, metadata
 
 
 def _differing_keys(a, b, prefix: str) -> list[str]:

@@ -212,11 +212,11 @@ class RankBatchSampler(Sampler[list[int]]):
 class TrainLoader(DataLoader):
     """The training loader of one rank, with Lightning's `state_dict` / `load_state_dict` protocol.
 
-    Lightning stores this state in the checkpoint's fit-loop state and hands it back before the
-    first batch of a resumed run, so a mid-epoch resume continues with the next unseen batch
-    instead of replaying the epoch from its start. Lightning's training fetcher pulls one batch
-    ahead of the step it runs (to know the epoch's end), so the batches consumed are the batches
-    pulled minus one, or all of them once the iterator is exhausted.
+    Lightning stores `state_dict()` in the checkpoint's fit-loop state; a resumed run loads it back
+    (`fit` does so explicitly: Lightning 2.6 skips the load when `estimated_stepping_batches` built
+    the loader before the restore), so a mid-epoch resume continues with the next unseen batch
+    instead of replaying the epoch from its start. Lightning fetches from a sized loader only when
+    a step needs the batch (no prefetch), so batches pulled = batches consumed.
     """
 
     def __init__(self, loader: DataLoader, rank: int, world_size: int):
@@ -227,18 +227,15 @@ class TrainLoader(DataLoader):
             num_workers=loader.num_workers,
         )
         self._pulled = 0
-        self._exhausted = False
 
     def __iter__(self):
-        self._pulled, self._exhausted = self.batch_sampler.skip, False
+        self._pulled = self.batch_sampler.skip
         for batch in super().__iter__():
             self._pulled += 1
             yield batch
-        self._exhausted = True
 
     def state_dict(self) -> dict:
-        consumed = self._pulled if self._exhausted else max(self._pulled - 1, 0)
-        return {"batches_consumed": consumed}
+        return {"batches_consumed": self._pulled}
 
     def load_state_dict(self, state: dict) -> None:
         consumed = int(state.get("batches_consumed", 0))
@@ -268,6 +265,12 @@ def checkpoint_metadata(path: Path) -> dict:
     if is_sharded_checkpoint(path):
         return torch.load(path / SHARDED_METADATA_FILE, map_location="cpu", weights_only=False)
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
+def saved_loader_state(metadata: dict) -> dict | None:
+    """The training loader's state inside a Lightning checkpoint (None for an older checkpoint)."""
+    states = metadata.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader", [])
+    return states[0] if states else None
 
 
 def load_full_checkpoint(path: Path) -> dict:
