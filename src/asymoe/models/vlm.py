@@ -118,6 +118,32 @@ class VisionLanguageModel(nn.Module):
             )
         return VLMOutput(logits=logits, lm_loss=lm_loss, aux_loss=self.moe_state.total_aux_loss())
 
+    def answer_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits a decoder may pick from: the image placeholder is input-only."""
+        logits = logits.clone()
+        logits[..., self.image_token_id] = float("-inf")
+        return logits
+
+    @torch.no_grad()
+    def teacher_forced_exact_match(
+        self, logits: torch.Tensor, labels: torch.Tensor, prompt_lengths: torch.Tensor, max_new_tokens: int
+    ) -> torch.Tensor:
+        """(batch,) bool: greedy decoding of `max_new_tokens` would reproduce the last answer exactly.
+
+        logits (batch, seq, vocab) from a teacher-forced forward of prompt + reference answer;
+        labels mark the reference answer (and its EOS). Position p predicts token p + 1.
+        """
+        predicted = self.answer_logits(logits[:, :-1]).argmax(dim=-1)  # (batch, seq - 1)
+        target = labels[:, 1:]
+        positions = torch.arange(target.shape[1], device=target.device).unsqueeze(0)
+        start = (prompt_lengths - 1).unsqueeze(1)
+        window = (positions >= start) & (positions < start + max_new_tokens)
+        answer = (positions >= start) & (target != -100)  # the last answer and its EOS
+        agrees = ((predicted == target) | ~(window & answer)).all(dim=1)
+        # An answer longer than the decoding budget cannot be reproduced (EOS may be cut).
+        fits = (answer.sum(dim=1) - 1) <= max_new_tokens
+        return agrees & fits
+
     @torch.no_grad()
     def generate(
         self,
@@ -159,10 +185,7 @@ class VisionLanguageModel(nn.Module):
                 image_index=image_index,
                 image_features=image_features,
             )
-            logits = out.logits[rows, length - 1]  # (batch, vocab)
-            # The image placeholder is input-only: an answer never contains it.
-            logits[:, self.image_token_id] = float("-inf")
-            next_token = logits.argmax(dim=-1)
+            next_token = self.answer_logits(out.logits[rows, length - 1]).argmax(dim=-1)  # (batch,)
             next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
             generated[:, step] = next_token
             ids[rows, length.clamp(max=width - 1)] = next_token
