@@ -61,6 +61,8 @@ class Probe(L.Callback):
         loss = outputs["loss"].detach().float()
         self.local.append(loss.item())
         self.reduced.append(trainer.strategy.reduce(loss.clone(), reduce_op="mean").item())
+        if spec.get("stop_after") and trainer.global_step >= spec["stop_after"]:
+            trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module):
         total = torch.zeros((), dtype=torch.float64)
@@ -76,14 +78,23 @@ fit(config_lib.load(spec["config"], spec["overrides"]), callbacks=[Probe()])
 '''
 
 
-def run_two_processes(folder: Path, strategy: str, text_only_rank: int = 1) -> tuple[list[dict], Path]:
+def run_two_processes(
+    folder: Path,
+    strategy: str,
+    text_only_rank: int = 1,
+    overrides: tuple[str, ...] = (),
+    run_dir: Path | None = None,
+    stop_after: int | None = None,
+) -> tuple[list[dict], Path]:
     folder.mkdir(parents=True)
-    run_dir = folder / "run"
+    run_dir = run_dir or folder / "run"
     spec = {
         "config": "asymoe",
         "out": str(folder),
         "text_only_rank": text_only_rank,
-        "overrides": DISTRIBUTED + [f"trainer.strategy={strategy}", "trainer.devices=2", f"output_dir={run_dir}"],
+        "stop_after": stop_after,
+        "overrides": DISTRIBUTED
+        + [f"trainer.strategy={strategy}", "trainer.devices=2", f"output_dir={run_dir}", *overrides],
     }
     (folder / "spec.json").write_text(json.dumps(spec))
     (folder / "worker.py").write_text(WORKER)
@@ -172,32 +183,59 @@ class StopAfter(L.Callback):
             trainer.should_stop = True
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_full_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+class FinalWeights(L.Callback):
+    """The module's weights when training ends (before `fit` tests the best checkpoint)."""
+
+    def on_train_end(self, trainer, pl_module):
+        self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self.step = trainer.global_step
 
 
 RESUME = DISTRIBUTED + ["trainer.max_steps=4", "trainer.val_check_interval=2"]
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_uninterrupted_weights(tmp_path):
-    whole = config_lib.load("asymoe", RESUME + [f"output_dir={tmp_path / 'whole'}"])
-    fit(whole)
+    whole, resumed = FinalWeights(), FinalWeights()
+    fit(config_lib.load("asymoe", RESUME + [f"output_dir={tmp_path / 'whole'}"]), callbacks=[whole])
     interrupted = RESUME + [f"output_dir={tmp_path / 'parts'}"]
     fit(config_lib.load("asymoe", interrupted), callbacks=[StopAfter(2)])
-    assert load_full_checkpoint(tmp_path / "parts" / "checkpoints" / "last.ckpt")["global_step"] == 2
-    fit(config_lib.load("asymoe", interrupted + ["trainer.resume=last"]))
-    expected, resumed = final_weights(tmp_path / "whole"), final_weights(tmp_path / "parts")
-    assert expected.keys() == resumed.keys()
-    for name in expected:
-        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    saved = load_full_checkpoint(tmp_path / "parts" / "checkpoints" / "last.ckpt")
+    # Mid-epoch (the epoch has ~10 batches): model, optimiser, scheduler and data position restored.
+    assert saved["global_step"] == 2 and saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches_consumed": 2}]
+    fit(config_lib.load("asymoe", interrupted + ["trainer.resume=last"]), callbacks=[resumed])
+    assert whole.step == resumed.step == 4
+    assert whole.weights.keys() == resumed.weights.keys()
+    for name, expected in whole.weights.items():
+        # Same ops in the same order on one CPU process: equal up to float32 reduction-order noise.
+        torch.testing.assert_close(resumed.weights[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    changed = sum(not torch.equal(saved["state_dict"][k], v) for k, v in whole.weights.items() if v.is_floating_point())
+    assert changed > 0  # steps 3-4 really trained after the resume
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
-    run = tmp_path / "run"
-    fit(config_lib.load("asymoe", RESUME + [f"output_dir={run}", "trainer.max_steps=2"]))
-    other = config_lib.load("moiie", RESUME + [f"output_dir={tmp_path / 'other'}", f"trainer.resume={run}/checkpoints/last.ckpt"])
-    with pytest.raises(ConfigError, match=r"holds a different model \(config differs at model\.moe"):
+    from asymoe.training.module import MODEL_CONFIG_KEY
+
+    saved_model = config_lib.to_dict(config_lib.load("asymoe", TINY))["model"]
+    torch.save({MODEL_CONFIG_KEY: saved_model, "state_dict": {}}, tmp_path / "asymoe.ckpt")
+    other = config_lib.load("moiie", TINY + [f"output_dir={tmp_path / 'run'}", f"trainer.resume={tmp_path / 'asymoe.ckpt'}"])
+    with pytest.raises(ConfigError, match=r"holds a different model \(config differs at model\.moe\.") as error:
         fit(other)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_from_a_sharded_checkpoint(tmp_path):
+    longer = ("trainer.max_steps=4", "trainer.val_check_interval=2")
+    whole, _ = run_two_processes(tmp_path / "whole", "fsdp2", overrides=longer)
+    run_dir = tmp_path / "parts_run"
+    run_two_processes(tmp_path / "first", "fsdp2", overrides=longer, run_dir=run_dir, stop_after=2)
+    assert is_sharded_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    resumed, _ = run_two_processes(tmp_path / "second", "fsdp2", overrides=longer + ("trainer.resume=last",), run_dir=run_dir)
+    assert len(resumed[0]["reduced"]) == 2  # steps 3 and 4 only
+    assert resumed[0]["reduced"] == pytest.approx(whole[0]["reduced"][2:], rel=1e-5)
+    assert resumed[0]["param_abs_sum"] == pytest.approx(whole[0]["param_abs_sum"], rel=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------

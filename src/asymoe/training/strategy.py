@@ -14,6 +14,12 @@ forward (an empty group gets zero-size inputs), and the model runs the vision en
 zero-size batch when a training batch has no image, so the parameter set of the autograd graph
 never depends on the data. DDP therefore needs no `find_unused_parameters`, and FSDP's per-module
 all-gathers happen in the same order on every rank.
+
+Known limits: BatchNorm running statistics are buffers, which FSDP does not synchronise (DDP
+broadcasts rank 0's): with a BatchNorm encoder (ResNet) the ranks' statistics drift apart and a
+checkpoint keeps rank 0's; LayerNorm encoders (ViT) are unaffected. Under `fsdp2` with bf16-mixed
+the unsharded weights are bf16 (the fp32 master copy stays sharded); the hyperbolic groups cast
+to float32 inside their fp32 islands.
 """
 
 from __future__ import annotations
