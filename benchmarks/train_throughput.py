@@ -375,7 +375,6 @@ not measured (no GPU in the session that wrote this file); run `python benchmark
 
 def write_section(path: Path, preset: str, report: str) -> None:
     """Replace this preset's section of the results file (created with a header if missing)."""
-    begin, end = f"<!-- {preset}: begin -->", f"<!-- {preset}: end -->"
     sections = {"gpu": NOT_MEASURED, "small": "### CPU, --small preset\n\nnot measured yet\n"}
     if path.is_file():
         text = path.read_text()

@@ -43,7 +43,9 @@ def _fit(args) -> int:
     from asymoe import config as config_lib
     from asymoe.training.run import fit
 
-    cfg = config_lib.load(args.config, args.overrides)
+    # `resume=last|PATH` is short for trainer.resume (issue text and README use the short form).
+    overrides = [f"trainer.{item}" if item.startswith("resume=") else item for item in args.overrides]
+    cfg = config_lib.load(args.config, overrides)
     metrics = fit(cfg)
     _print_metrics(metrics)
     print(f"train time: {metrics['time/train_s']:.0f} s, total: {metrics['time/total_s']:.0f} s")

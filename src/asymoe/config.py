@@ -359,6 +359,21 @@ def to_dict(cfg: Config) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
+def switched_hparams(cfg: Config) -> dict:
+    """The config flattened to dotted keys with scalar values (TensorBoard HParams)."""
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", to_dict(cfg))
+    return flat
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation (cross-field rules the schema cannot express)
 

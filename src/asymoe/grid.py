@@ -64,6 +64,7 @@ from omegaconf import OmegaConf
 
 from asymoe import config as config_lib
 from asymoe.config import ConfigError
+from asymoe.files import write_json_atomic
 
 GRID_KEYS = ("name", "base", "overrides", "variants", "axes", "seeds", "quick", "metric")
 VARIANT_KEYS = ("experiment", "overrides")
@@ -335,7 +336,6 @@ def _check_axes(grid: Grid) -> None:
 
 def validate(grid: Grid, cells: list[Cell]) -> None:
     """Load every cell's config (raising ConfigError that names the cell); fill `cell.config`."""
-    from asymoe.training.run import switched_hparams
 
     _check_axes(grid)
     for index, cell in enumerate(cells, 1):
@@ -343,7 +343,7 @@ def validate(grid: Grid, cells: list[Cell]) -> None:
             cfg = config_lib.load(cell.experiment, cell.overrides)
         except ConfigError as error:
             raise ConfigError(f"{grid.path}: cell {index} of {len(cells)} '{cell.name}': {error}") from None
-        flat = switched_hparams(cfg)
+        flat = config_lib.switched_hparams(cfg)
         cell.config = {k: v for k, v in flat.items() if k not in NON_SETTING_KEYS}
 
 
@@ -550,7 +550,6 @@ def _terminate_as_interrupt():
 
 def run_cli(args) -> int:
     """`asymoe grid GRID_FILE [overrides] [--dry-run] [--only GLOB] [--quick] [--force] [--output DIR]`."""
-    from asymoe.training.run import write_json_atomic
 
     grid = load_grid(args.grid_file, args.overrides, quick=args.quick)
     cells = expand(grid)
@@ -589,7 +588,6 @@ def run_cli(args) -> int:
 
 def _run_cells(grid: Grid, grid_dir: Path, selected: list[Cell], states: dict[str, str]) -> list[str]:
     """Run the selected cells that have not finished, one after another; return the failed ones."""
-    from asymoe.training.run import write_json_atomic
 
     to_run = [cell for cell in selected if states[cell.name] != "finished"]
     failed, durations = [], []

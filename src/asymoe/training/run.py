@@ -7,8 +7,6 @@ tokenizer.json, checkpoints/, tb/ (TensorBoard) and, once everything finished, m
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -19,8 +17,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from asymoe import config as config_lib
-from asymoe.config import Config, ConfigError
+from asymoe.config import Config, ConfigError, switched_hparams
 from asymoe.data.datamodule import VQADataModule
+from asymoe.files import write_json_atomic
 from asymoe.data.tokenizer import WordTokenizer
 from asymoe.training.callbacks import RoutingLogger
 from asymoe.training.module import MODEL_CONFIG_KEY, VLMModule
@@ -42,12 +41,6 @@ def run_directory(cfg: Config) -> Path:
         return Path(cfg.output_dir)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / cfg.experiment / stamp
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def build_trainer(cfg: Config, run_dir: Path, callbacks: list, logger=True, model=None) -> L.Trainer:
@@ -86,21 +79,6 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list, logger=True, mode
 
 def _scalar_metrics(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (int, float))}
-
-
-def switched_hparams(cfg: Config) -> dict:
-    """The config flattened to dotted keys with scalar values (TensorBoard HParams)."""
-    flat: dict = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), item)
-        else:
-            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    walk("", config_lib.to_dict(cfg))
-    return flat
 
 
 def fit(cfg: Config, callbacks: list | None = None) -> dict:
