@@ -73,13 +73,13 @@ def expert_labels(block, router: str) -> list[str]:
 
 def routing_heatmap(matrix: np.ndarray, layers: list[int], block, router: str):
     """Layers x experts image of the share of `router`'s routing assignments each expert received."""
-    figure, axis = plt.subplots(figsize=(1.2 + 0.6 * matrix.shape[1], 1.0 + 0.45 * matrix.shape[0]))
+    figure, axis = plt.subplots(figsize=(max(4.0, 1.6 + 0.7 * matrix.shape[1]), 1.4 + 0.45 * matrix.shape[0]))
     image = axis.imshow(matrix, cmap="viridis", vmin=0.0, vmax=max(float(matrix.max()), 1e-6), aspect="auto")
     axis.set_xticks(range(matrix.shape[1]), expert_labels(block, router))
     axis.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
     for (row, col), value in np.ndenumerate(matrix):
         axis.text(col, row, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.5 * matrix.max() else "black", fontsize=8)
-    axis.set_title(f"{router} tokens: share of routing per expert")
+    axis.set_title(f"{router} router: share per expert", fontsize=10)
     figure.colorbar(image, ax=axis)
     figure.tight_layout()
     return figure
