@@ -24,6 +24,7 @@ from asymoe.config import GeometryLossConfig, MoEConfig, RoutingConfig
 from asymoe.models.experts import ExpertGroup, FFNExperts
 from asymoe.models.hyperbolic import HyperbolicExperts
 from asymoe.models.moe import MoEBlock, MoEState, TokenMeta
+from machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hyperbolic_cost.md"
 
@@ -53,16 +54,6 @@ def make_meta(batch: int, seq: int, vision: int) -> TokenMeta:
     answer_mask = torch.zeros(batch, seq, dtype=torch.bool)
     answer_mask[:, -4:] = True
     return TokenMeta(vision_mask, attention_mask, attention_mask & ~answer_mask, answer_mask)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from machine import cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.md"
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("dense", "asymoe", "mixtral")
@@ -270,16 +272,6 @@ def resident_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def child(kind: str, args, target: dict | None = None) -> dict:
