@@ -73,3 +73,16 @@ def test_checkpoint_reproduces_test_accuracy(tiny_overrides, capsys):
     out = capsys.readouterr().out
     reported = json.loads(out[out.index("{"):])
     assert reported["test/accuracy"] == pytest.approx(metrics["test/accuracy"], abs=1e-6)
+
+
+def test_logging_switches(tiny_overrides):
+    cfg = config_lib.load("moiie", tiny_overrides + ["logging.routing_images=false"])
+    fit(cfg)
+    events = EventAccumulator(f"{cfg.output_dir}/tb", size_guidance={"images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == [] and "routing/layer01/entropy/vision" in events.Tags()["scalars"]
+    cfg = config_lib.load("moiie", [o for o in tiny_overrides if not o.startswith("output_dir=")]
+                          + [f"output_dir={cfg.output_dir}_nolog", "logging.tensorboard=false"])
+    metrics = fit(cfg)
+    assert not Path(cfg.output_dir, "tb").exists()
+    assert 0.0 <= metrics["test/accuracy"] <= 1.0

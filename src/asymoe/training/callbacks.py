@@ -20,7 +20,13 @@ def _writer(trainer: L.Trainer):
 
 
 class RoutingLogger(L.Callback):
-    """Per MoE layer and router: expert shares, entropy, balance f/P, LTDR stats, module scalars."""
+    """Per MoE layer and router: expert shares, entropy, balance f/P, LTDR stats, module scalars.
+
+    `heatmaps`: also a layers x experts image per router at every validation (logging.routing_images).
+    """
+
+    def __init__(self, heatmaps: bool = True):
+        self.heatmaps = heatmaps
 
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         writer = _writer(trainer)
@@ -53,7 +59,7 @@ class RoutingLogger(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         writer = _writer(trainer)
-        if writer is None or trainer.global_rank != 0 or trainer.sanity_checking:
+        if not self.heatmaps or writer is None or trainer.global_rank != 0 or trainer.sanity_checking:
             return
         shares = pl_module.routing_share()
         for router in sorted({router for _, router in shares}):

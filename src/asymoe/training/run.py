@@ -109,7 +109,13 @@ def fit(cfg: Config, callbacks: list | None = None) -> dict:
         save_last=True,
         save_top_k=1,
     )
-    trainer = build_trainer(cfg, run_dir, [checkpoint, RoutingLogger(), *(callbacks or [])], model=module.model)
+    trainer = build_trainer(
+        cfg,
+        run_dir,
+        [checkpoint, RoutingLogger(heatmaps=cfg.logging.routing_images), *(callbacks or [])],
+        logger=cfg.logging.tensorboard,
+        model=module.model,
+    )
     train_loader = shard_loader(datamodule.train_dataloader(), trainer.global_rank, trainer.world_size)
     if resume_metadata is not None and (loader_state := saved_loader_state(resume_metadata)) is not None:
         train_loader.load_state_dict(loader_state)
