@@ -191,9 +191,9 @@ class MoEBlock(nn.Module):
             global_weight[token_ids, :used] = routing.expert_weight
             global_mask[token_ids, :used] = routing.slot_mask
 
-            in_balance = torch.zeros_like(token_ids, dtype=torch.bool)
+            is_vision = vision_flat[token_ids]  # (n,)
+            in_balance = torch.zeros_like(is_vision)
             for modality in routing_cfg.balance_modalities:
-                is_vision = vision_flat[token_ids]
                 in_balance |= is_vision if modality == "vision" else ~is_vision
             balance = switch_balance_loss(
                 routing.probs[in_balance], routing.expert_index[in_balance], routing.slot_mask[in_balance]
@@ -210,11 +210,10 @@ class MoEBlock(nn.Module):
             record.scalars[f"balance_P/{name}"] = (
                 routing.probs.mean(0).detach() if routing.probs.shape[0] else routing.probs.new_zeros(len(eligible))
             )
-            n_vision = vision_flat[token_ids]
-            if top_a is not None and n_vision.any():
-                record.scalars[f"tail_fraction/{name}"] = routing.tail_mask[n_vision].float().mean().detach()
-                record.rpv = routing_probability_variance(routing.probs[n_vision]).detach()
-            experts_per_token.append((n_vision, routing.slot_mask.sum(-1)))
+            if top_a is not None and is_vision.any():
+                record.scalars[f"tail_fraction/{name}"] = routing.tail_mask[is_vision].float().mean().detach()
+                record.rpv = routing_probability_variance(routing.probs[is_vision]).detach()
+            experts_per_token.append((is_vision, routing.slot_mask.sum(-1)))
 
         vision_counts = torch.cat([counts[is_v] for is_v, counts in experts_per_token]).float()
         all_counts = torch.cat([counts for _, counts in experts_per_token]).float()
