@@ -315,16 +315,21 @@ def merge_onto_schema(layers: list[tuple[str, DictConfig]]) -> DictConfig:
     return merged  # type: ignore[return-value]
 
 
-def resolve_config_path(name_or_path: str) -> Path:
-    """A YAML path, or an experiment name looked up in ./experiments and the repo's experiments/."""
+def resolve_named_yaml(name_or_path: str, folder: str) -> Path:
+    """A YAML path, or a bare name looked up as NAME.yaml in ./<folder> and the repo's <folder>/."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return path
-    for folder in (Path.cwd() / "experiments", Path(__file__).resolve().parents[2] / "experiments"):
-        candidate = folder / f"{name_or_path}.yaml"
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        candidate = root / folder / f"{name_or_path}.yaml"
         if candidate.is_file():
             return candidate
     return path
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """An experiment YAML path, or an experiment name in experiments/."""
+    return resolve_named_yaml(name_or_path, "experiments")
 
 
 def load(config: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:

@@ -128,15 +128,8 @@ class Cell:
 
 
 def resolve_grid_path(name_or_path: str) -> Path:
-    """A grid YAML path, or a grid name looked up in ./ablations and the repo's ablations/."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return path
-    for folder in (Path.cwd() / "ablations", Path(__file__).resolve().parents[2] / "ablations"):
-        candidate = folder / f"{name_or_path}.yaml"
-        if candidate.is_file():
-            return candidate
-    return path
+    """A grid YAML path, or a grid name in ablations/."""
+    return config_lib.resolve_named_yaml(name_or_path, "ablations")
 
 
 def _experiment_path(value: Any, grid_path: Path, where: str) -> str:
