@@ -173,7 +173,8 @@ def _differing_keys(a, b, prefix: str) -> list[str]:
     return [] if a == b else [prefix]
 
 
-def load_tokenizer_for(cfg: Config, checkpoint: dict):
+def checkpoint_tokenizer(checkpoint: dict) -> WordTokenizer | None:
+    """The word tokenizer VLMModule.on_save_checkpoint stored, if the run used one."""
     vocab = checkpoint.get("asymoe_vocab")
     if vocab is not None:
         return WordTokenizer(vocab)
@@ -188,7 +189,7 @@ def test(cfg: Config, ckpt: str) -> dict:
     state = load_full_checkpoint(path)
     datamodule = VQADataModule(cfg)
     datamodule.prepare()
-    tokenizer = load_tokenizer_for(cfg, state) or datamodule.tokenizer
+    tokenizer = checkpoint_tokenizer(state) or datamodule.tokenizer
     datamodule.tokenizer = tokenizer
     module = VLMModule(cfg, tokenizer)
     try:
