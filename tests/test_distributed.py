@@ -22,9 +22,9 @@ import torch
 from asymoe import config as config_lib
 from asymoe.config import ConfigError
 from asymoe.training import run as run_lib
+from asymoe.training.checkpoints import is_sharded_checkpoint, load_full_checkpoint
+from asymoe.training.distributed import block_classes
 from asymoe.training.run import fit
-from asymoe.training.strategy import block_classes, is_sharded_checkpoint, load_full_checkpoint
-
 from conftest import REPO, TINY
 
 # One image per batch: the TINY split gives ~10 training batches, so each of 2 ranks gets several.
@@ -131,10 +131,15 @@ def test_fsdp2_two_cpu_processes_with_a_text_only_rank(fsdp2_run):
     # Each rank saw its own batches; the all-reduced loss and the gathered weights agree exactly.
     assert ranks[0]["local"] != ranks[1]["local"]
     assert ranks[0]["reduced"] == ranks[1]["reduced"]
-    assert ranks[0]["reduced"] == pytest.approx([(a + b) / 2 for a, b in zip(ranks[0]["local"], ranks[1]["local"])], rel=1e-6)
+    assert ranks[0]["reduced"] == pytest.approx(
+        [(a + b) / 2 for a, b in zip(ranks[0]["local"], ranks[1]["local"])], rel=1e-6
+    )
     assert ranks[0]["param_abs_sum"] == ranks[1]["param_abs_sum"]
     assert is_sharded_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    assert sorted(p.name for p in (run_dir / "checkpoints" / "last.ckpt").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "last.ckpt").glob("*.distcp")) == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert math.isfinite(metrics["test/lm_loss"])
 
@@ -145,8 +150,8 @@ def test_sharded_checkpoint_loads_into_one_process(fsdp2_run):
     assert checkpoint["global_step"] == 3
     weights = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     cfg = config_lib.load(run_dir / "config.yaml")
-    from asymoe.training.module import VLMModule
     from asymoe.data.tokenizer import WordTokenizer
+    from asymoe.training.module import VLMModule
 
     module = VLMModule(cfg, WordTokenizer(checkpoint["asymoe_vocab"]))
     module.load_state_dict(checkpoint["state_dict"], strict=True)
@@ -202,7 +207,9 @@ def test_resume_reaches_the_uninterrupted_weights(tmp_path):
     fit(config_lib.load("asymoe", interrupted), callbacks=[StopAfter(2)])
     saved = load_full_checkpoint(tmp_path / "parts" / "checkpoints" / "last.ckpt")
     # Mid-epoch (the epoch has ~10 batches): model, optimiser, scheduler and data position restored.
-    assert saved["global_step"] == 2 and saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches_consumed": 2}]
+    assert saved["global_step"] == 2 and saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"batches_consumed": 2}
+    ]
     fit(config_lib.load("asymoe", interrupted + ["trainer.resume=last"]), callbacks=[resumed])
     assert whole.step == resumed.step == 4
     assert whole.weights.keys() == resumed.weights.keys()
@@ -218,7 +225,9 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
 
     saved_model = config_lib.to_dict(config_lib.load("asymoe", TINY))["model"]
     torch.save({MODEL_CONFIG_KEY: saved_model, "state_dict": {}}, tmp_path / "asymoe.ckpt")
-    other = config_lib.load("moiie", TINY + [f"output_dir={tmp_path / 'run'}", f"trainer.resume={tmp_path / 'asymoe.ckpt'}"])
+    other = config_lib.load(
+        "moiie", TINY + [f"output_dir={tmp_path / 'run'}", f"trainer.resume={tmp_path / 'asymoe.ckpt'}"]
+    )
     with pytest.raises(ConfigError, match=r"holds a different model \(config differs at model\.moe\.") as error:
         fit(other)
     assert "\n" not in str(error.value)
@@ -232,7 +241,9 @@ def test_fsdp2_resume_from_a_sharded_checkpoint(tmp_path):
     run_dir = tmp_path / "parts_run"
     run_two_processes(tmp_path / "first", "fsdp2", overrides=longer, run_dir=run_dir, stop_after=2)
     assert is_sharded_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    resumed, _ = run_two_processes(tmp_path / "second", "fsdp2", overrides=longer + ("trainer.resume=last",), run_dir=run_dir)
+    resumed, _ = run_two_processes(
+        tmp_path / "second", "fsdp2", overrides=longer + ("trainer.resume=last",), run_dir=run_dir
+    )
     assert len(resumed[0]["reduced"]) == 2  # steps 3 and 4 only
     assert resumed[0]["reduced"] == pytest.approx(whole[0]["reduced"][2:], rel=1e-5)
     assert resumed[0]["param_abs_sum"] == pytest.approx(whole[0]["param_abs_sum"], rel=1e-7)
@@ -268,9 +279,14 @@ def test_resume_last_without_a_checkpoint(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
 def test_fsdp_with_auto_accelerator_on_a_cpu_machine_is_refused(tmp_path):
-    cfg = config_lib.load("asymoe", TINY + ["trainer.strategy=fsdp", "trainer.accelerator=auto", f"output_dir={tmp_path}"])
+    # Refused by config validation, before a run directory or a model exists.
     with pytest.raises(ConfigError, match="needs a GPU"):
-        fit(cfg)
+        fit(
+            config_lib.load(
+                "asymoe", TINY + ["trainer.strategy=fsdp", "trainer.accelerator=auto", f"output_dir={tmp_path}"]
+            )
+        )
+    assert not any(tmp_path.iterdir())
 
 
 def test_wrap_units_are_decoder_layers_and_timm_blocks():
@@ -297,7 +313,9 @@ def test_text_only_training_batch_gives_the_vision_encoder_exact_zero_gradients(
     assert all(p.grad is not None and not p.grad.any() for p in encoder)
     assert any(p.grad.any() for p in model.lm.parameters())
     after = [m.running_var for m in model.vision.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert statistics and all(torch.equal(a, b) for a, b in zip(statistics, after))  # an empty batch leaves BN statistics alone
+    assert statistics and all(
+        torch.equal(a, b) for a, b in zip(statistics, after)
+    )  # an empty batch leaves BN statistics alone
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,21 +19,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from asymoe import config as config_lib
 from asymoe.config import Config, ConfigError, switched_hparams
 from asymoe.data.datamodule import VQADataModule
-from asymoe.files import write_json_atomic
 from asymoe.data.tokenizer import WordTokenizer
+from asymoe.files import METRICS_FILE, write_json_atomic
 from asymoe.training.callbacks import RoutingLogger
+from asymoe.training.checkpoints import checkpoint_metadata, is_sharded_checkpoint, load_full_checkpoint
+from asymoe.training.distributed import build_strategy, check_devices
+from asymoe.training.loaders import saved_loader_state, shard_loader
 from asymoe.training.module import MODEL_CONFIG_KEY, VLMModule
-from asymoe.training.strategy import (
-    build_strategy,
-    check_devices,
-    checkpoint_metadata,
-    is_sharded_checkpoint,
-    load_full_checkpoint,
-    saved_loader_state,
-    shard_loader,
-)
-
-METRICS_FILE = "metrics.json"
 
 
 def run_directory(cfg: Config) -> Path:
@@ -78,7 +70,9 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list, logger=True, mode
 
 
 def _scalar_metrics(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (int, float))}
+    return {
+        k: float(v) for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (int, float))
+    }
 
 
 def fit(cfg: Config, callbacks: list | None = None) -> dict:
