@@ -13,7 +13,7 @@ from asymoe import config as config_lib
 from asymoe.config import Config
 from asymoe.data.tokenizer import Tokenizer
 from asymoe.models.vlm import VisionLanguageModel, group_parameters
-from asymoe.training.strategy import apply_fsdp2
+from asymoe.training.distributed import apply_fsdp2
 
 QUESTION_TYPES = ("all", "yes/no", "shape", "color")
 MODEL_CONFIG_KEY = "asymoe_model_config"
