@@ -45,6 +45,7 @@ class Encoded:
     image_key: str | None
     question_type: str
     extra: dict = field(default_factory=dict)
+    origin: str = ""  # the record's "file:index", for reports about a training batch
 
 
 def encode_record(record: Record, tokenizer: Tokenizer, num_image_tokens: int) -> Encoded:
@@ -87,6 +88,7 @@ def encode_record(record: Record, tokenizer: Tokenizer, num_image_tokens: int) -
         answer_text=record.turns[-1][1],
         image_key=record.image_key,
         question_type=record.question_type,
+        origin=record.origin,
     )
 
 
