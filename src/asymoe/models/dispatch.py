@@ -1,0 +1,282 @@
+"""Sort-based expert dispatch: one sort per block, grouped matrix multiplies, one scatter per group.
+
+The eager path of `ExpertGroup.dispatch` loops over experts in Python and gathers each expert's
+tokens separately. Here instead:
+
+1. `sort_assignments`: every (token, slot) routing assignment of a block, over all its routers,
+   is ordered by global expert with a single stable argsort; per-expert counts and cumulative
+   ends come from a scatter-add (no bincount: on CUDA it reads its size to the host).
+2. `group_rows`: one expert group's contiguous run of that order (its experts are numbered
+   consecutively), with group-local expert ids and cumulative ends.
+3. An `ExpertLayout` holds the group's rows and applies per-expert weights (E, out, in), in the
+   layout of transformers' experts, to all of them at once:
+   - `grouped_mm`: rows stay sorted; one `torch.nn.functional.grouped_mm` per weight tensor;
+   - `padded`: rows are scattered into (E, capacity, ·), capacity = the largest count, and one
+     `torch.bmm` per weight tensor multiplies every expert's block (zero rows are wasted work);
+   - `segment`: rows stay sorted; the matrix multiplies run per contiguous expert segment (a
+     Python loop over experts, but a single gather and scatter, unlike eager).
+4. `combine`: out[t] = Σ_rows w_row · y_row with one `index_add_`.
+
+Host synchronisation. `sync_free=True` keeps every size on the device: a group's run is read
+through a fixed-size window of all assignments (rows past the group's count are padding that
+`grouped_mm` skips; the layout zeroes them in value and gradient), so nothing calls `.item()`,
+`.tolist()` or `nonzero`. This is the GPU path, with the `grouped_mm` kernel. Otherwise the counts
+are read to the host once per block (`exact` sizes: no padding rows), which costs nothing on CPU;
+`padded` and `segment` need those sizes and so synchronise once per block on any device.
+
+`resolve_kernel` turns `auto` (and `grouped`) into a kernel from `FASTEST`, a table filled from
+benchmarks/results/moe_block.md (forward + backward of one block, measured per device and dtype).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Kernel = Literal["grouped_mm", "padded", "segment"]
+KERNELS: tuple[str, ...] = ("grouped_mm", "padded", "segment")
+
+# Fastest kernel per (device type, dtype) in benchmarks/results/moe_block.md. CUDA is not measured
+# here; grouped_mm is the kernel torch and transformers build for it (bf16/fp16 on SM >= 80).
+FASTEST: dict[tuple[str, torch.dtype], str] = {
+    ("cpu", torch.float32): "padded",
+    ("cpu", torch.bfloat16): "padded",
+    ("cuda", torch.bfloat16): "grouped_mm",
+    ("cuda", torch.float16): "grouped_mm",
+}
+FALLBACK: str = "padded"  # any other (device, dtype): needs no special kernel
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
+    """Whether this torch build has a grouped_mm kernel for the device, dtype and widths.
+
+    CPU: float32, bfloat16, float16. CUDA: bfloat16/float16 on compute capability >= 8.0. Every
+    width (rows of the weights and of the inputs) must make a 16-byte stride.
+    """
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if device.type == "cpu":
+        ok = dtype in (torch.float32, torch.bfloat16, torch.float16)
+    elif device.type == "cuda":
+        ok = dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(device) >= (8, 0)
+    else:
+        ok = False
+    element = torch.tensor([], dtype=dtype).element_size()
+    return ok and all((dim * element) % 16 == 0 for dim in dims)
+
+
+def resolve_kernel(backend: str, device: torch.device, dtype: torch.dtype, *dims: int) -> str:
+    """The kernel that `backend` (auto | grouped | a kernel name) means on this device and dtype."""
+    kernel = FASTEST.get((device.type, dtype), FALLBACK) if backend in ("auto", "grouped") else backend
+    assert kernel in KERNELS, f"unknown expert kernel {kernel!r}"
+    if kernel == "grouped_mm" and not grouped_mm_supported(device, dtype, *dims):
+        return FALLBACK
+    return kernel
+
+
+# ----------------------------------------------------------------------------- sorting
+
+
+@dataclass
+class Assignments:
+    """A block's routing assignments ordered by global expert (A = tokens × slots entries)."""
+
+    token_index: torch.Tensor  # (A,) long: the token of each assignment
+    expert_index: torch.Tensor  # (A,) long: its global expert; unused slots are `num_experts` (last)
+    weight: torch.Tensor  # (A,) routing weight, differentiable
+    ends: torch.Tensor  # (E,) long: assignments to experts 0..e
+    host_ends: list[int] | None  # `ends` on the host (exact sizes), None on the sync-free path
+
+
+def sort_assignments(
+    expert_index: torch.Tensor,
+    expert_weight: torch.Tensor,
+    slot_mask: torch.Tensor,
+    num_experts: int,
+    sync_free: bool = False,
+) -> Assignments:
+    """One stable argsort of all (token, slot) assignments by expert.
+
+    expert_index, expert_weight, slot_mask: (tokens, slots), global expert ids. Stability keeps,
+    within an expert, the token order, so each token's contributions are later summed in expert
+    order as in the eager loop.
+    """
+    slots = expert_index.shape[1]
+    flat_expert = torch.where(slot_mask, expert_index, num_experts).reshape(-1)  # (A,)
+    order = torch.argsort(flat_expert, stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat_expert.device)
+    counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert))
+    ends = counts[:num_experts].cumsum(0)  # (E,)
+    return Assignments(
+        token_index=order // slots,
+        expert_index=flat_expert[order],
+        weight=expert_weight.reshape(-1)[order],
+        ends=ends,
+        host_ends=None if sync_free else ends.tolist(),
+    )
+
+
+@dataclass
+class ExpertRows:
+    """The rows one expert group computes: its run of the sorted assignments (N rows)."""
+
+    num_experts: int
+    token_index: torch.Tensor  # (N,) long
+    local_expert: torch.Tensor  # (N,) long, in [0, num_experts)
+    weight: torch.Tensor  # (N,) routing weight; 0 on padding rows
+    ends: torch.Tensor  # (num_experts,) long, local cumulative counts
+    counts: list[int] | None  # per-expert counts on the host (exact sizes only)
+    valid: torch.Tensor | None  # (N, 1) bool on the sync-free path: rows that are real assignments
+
+
+def group_rows(assignments: Assignments, first_expert: int, num_experts: int) -> ExpertRows:
+    """Rows of the group whose global experts are first_expert .. first_expert + num_experts − 1."""
+    last = first_expert + num_experts - 1
+    ends = assignments.ends
+    if assignments.host_ends is not None:
+        host = assignments.host_ends
+        start = host[first_expert - 1] if first_expert > 0 else 0
+        window = slice(start, host[last])
+        counts = [host[e] - (host[e - 1] if e > 0 else 0) for e in range(first_expert, last + 1)]
+        return ExpertRows(
+            num_experts,
+            assignments.token_index[window],
+            assignments.expert_index[window] - first_expert,
+            assignments.weight[window],
+            ends[first_expert : last + 1] - start,
+            counts,
+            None,
+        )
+    # Sync-free: a window of all A rows starting at the group's first row (a device scalar).
+    total = assignments.token_index.shape[0]
+    start = ends[first_expert - 1] if first_expert > 0 else ends.new_zeros(())
+    position = torch.arange(total, device=ends.device)
+    rows = (start + position).clamp(max=max(total - 1, 0))
+    valid = (position < ends[last] - start).unsqueeze(-1)  # (A, 1)
+    return ExpertRows(
+        num_experts,
+        assignments.token_index[rows],
+        (assignments.expert_index[rows] - first_expert).clamp(0, num_experts - 1),
+        torch.where(valid.squeeze(-1), assignments.weight[rows], 0.0),
+        ends[first_expert : last + 1] - start,
+        None,
+        valid,
+    )
+
+
+def combine(rows: ExpertRows, outputs: torch.Tensor, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """out[t] = Σ over rows r of token t of weight_r · outputs_r; outputs (N, d) -> (tokens, d)."""
+    weighted = (outputs * rows.weight.unsqueeze(-1)).to(dtype)
+    out = torch.zeros(num_tokens, outputs.shape[-1], dtype=dtype, device=outputs.device)
+    return out.index_add_(0, rows.token_index, weighted)
+
+
+def row_values(rows: ExpertRows, per_token_expert: torch.Tensor) -> torch.Tensor:
+    """Entries [token, local expert] of a (tokens, experts) tensor for every row, shape (N,)."""
+    flat = rows.token_index * rows.num_experts + rows.local_expert
+    return per_token_expert.reshape(-1)[flat]
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear would use here: autocast's when it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class ExpertLayout:
+    """Rows of one group arranged for a kernel; `linear` applies per-expert weights to all rows.
+
+    `pack` brings (N, ·) row tensors into the layout, `unpack` takes them back; element-wise and
+    row-wise functions (activations, norms, hyperbolic maps) act on the layout directly.
+    `per_expert(values)` broadcasts a per-expert tensor (E, ...) against the layout.
+    """
+
+    def __init__(self, rows: ExpertRows):
+        self.rows = rows
+
+    def pack(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def unpack(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def per_expert(self, values: torch.Tensor) -> torch.Tensor:
+        """(E, ...) -> (N, ...): each row's expert's entry."""
+        return values.index_select(0, self.rows.local_expert)
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(type(self).__name__)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (layout, in) · weight[e]ᵀ (+ bias[e]) with weight (E, out, in) and bias (E, out)."""
+        dtype = _compute_dtype(x, weight)
+        out = self.matmul(x.to(dtype), weight.to(dtype))
+        return out if bias is None else out + self.per_expert(bias).to(out.dtype)
+
+
+class GroupedMMLayout(ExpertLayout):
+    """Sorted rows, one `grouped_mm` per weight tensor."""
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        valid = self.rows.valid
+        if valid is not None:
+            # Padding rows: grouped_mm leaves them uninitialised in its output and in the input
+            # gradient; zeroing both keeps them out of every other value and gradient.
+            x = x.masked_fill(~valid, 0.0)
+        out = F.grouped_mm(x, weight.transpose(-2, -1), offs=self.rows.ends.to(torch.int32))
+        return out if valid is None else out.masked_fill(~valid, 0.0)
+
+
+class SegmentLayout(ExpertLayout):
+    """Sorted rows, one matrix multiply per contiguous expert segment."""
+
+    def __init__(self, rows: ExpertRows):
+        super().__init__(rows)
+        assert rows.counts is not None, "the segment kernel needs exact sizes (sync_free=False)"
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # split, not slicing: its backward concatenates instead of zero-filling a full-size
+        # gradient per expert.
+        segments = x.split(self.rows.counts)
+        return torch.cat([F.linear(segment, weight[e]) for e, segment in enumerate(segments)])
+
+
+class PaddedLayout(ExpertLayout):
+    """(E, capacity, ·) blocks, one batched matrix multiply per weight tensor."""
+
+    def __init__(self, rows: ExpertRows):
+        super().__init__(rows)
+        assert rows.counts is not None, "the padded kernel needs exact sizes (sync_free=False)"
+        self.capacity = max(rows.counts, default=0)
+        starts = rows.ends - torch.as_tensor(rows.counts, device=rows.ends.device)  # (E,)
+        position = torch.arange(rows.token_index.shape[0], device=rows.ends.device)
+        # Row r of expert e goes to slot e·capacity + (r − start_e).
+        self.slot = rows.local_expert * self.capacity + position - starts[rows.local_expert]
+
+    def pack(self, values: torch.Tensor) -> torch.Tensor:
+        blocks = values.new_zeros(self.rows.num_experts * self.capacity, *values.shape[1:])
+        blocks = blocks.index_copy(0, self.slot, values)
+        return blocks.view(self.rows.num_experts, self.capacity, *values.shape[1:])  # (E, C, ·)
+
+    def unpack(self, values: torch.Tensor) -> torch.Tensor:
+        return values.reshape(-1, *values.shape[2:]).index_select(0, self.slot)  # (N, ·)
+
+    def per_expert(self, values: torch.Tensor) -> torch.Tensor:
+        return values.unsqueeze(1)  # (E, 1, ...)
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(x, weight.transpose(-2, -1))  # (E, C, out)
+
+
+LAYOUTS = {"grouped_mm": GroupedMMLayout, "padded": PaddedLayout, "segment": SegmentLayout}
+
+
+def make_layout(kernel: str, rows: ExpertRows) -> ExpertLayout:
+    return LAYOUTS[kernel](rows)
