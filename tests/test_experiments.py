@@ -52,10 +52,11 @@ def test_tensorboard_tags(tiny_overrides):
         "routing/layer01/entropy/language",
         "routing/layer01/share/vision/expert0",
         "routing/layer01/share/language/expert2",
-        "routing/layer01/balance_f/language/expert0",
+        "routing/layer01/share/language/expert0",
         "routing/layer01/balance_P/vision/expert2",
     }
     assert expected <= scalars, expected - scalars
+    assert not any("/balance_f/" in tag for tag in scalars), "balance f is the share/<router> series, logged once"
     images = set(events.Tags()["images"])
     assert {"routing_heatmap/vision", "routing_heatmap/language"} <= images
 

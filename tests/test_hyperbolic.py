@@ -11,6 +11,7 @@ from torch import nn
 
 from asymoe.config import GeometryLossConfig, MoEConfig
 from asymoe.models import hyperbolic as hyp
+from asymoe.models import lorentz, poincare
 from asymoe.models.experts import FFNExperts
 from asymoe.models.moe import MoEBlock, MoEState, TokenMeta
 
@@ -20,7 +21,7 @@ HIDDEN, WIDTH = 16, 32
 
 def lorentz_full(space: torch.Tensor, curvature: float) -> torch.Tensor:
     """Full coordinates [x_t, x_s] as geoopt.Lorentz(k=1/c) stores them."""
-    return torch.cat([hyp.lorentz_time(space, curvature), space], dim=-1)
+    return torch.cat([lorentz.time(space, curvature), space], dim=-1)
 
 
 def make_group(geometry: str, *, curvature=1.0, learn=True, align=1.0, order=1.0, evidence=False, experts=2):
@@ -57,6 +58,12 @@ def make_meta(batch: int = 2, seq: int = 10, vision: int = 4) -> TokenMeta:
     return TokenMeta(vision_mask, attention_mask, evidence_mask, answer_mask)
 
 
+def every_token_processed(meta: TokenMeta) -> dict[str, torch.Tensor]:
+    """Routing weight 1 from every real token to both groups a geometry loss may read."""
+    weight = meta.valid.float()
+    return {"shared": weight, "language": weight}
+
+
 def route_all_to(expert: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-1 routing of every token to one expert: (expert_index, expert_weight, slot_mask)."""
     return (
@@ -73,23 +80,23 @@ def route_all_to(expert: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, 
 def test_lorentz_exp_map_lands_on_the_hyperboloid_and_log_inverts_it(curvature):
     tangent = 0.5 * torch.randn(64, 8)
     tangent[0] = 0.0
-    point = hyp.lorentz_exp_map0(tangent, curvature)
-    inner = hyp.lorentz_inner(point, point, curvature)
+    point = lorentz.exp_map0(tangent, curvature)
+    inner = lorentz.inner(point, point, curvature)
     torch.testing.assert_close(inner, torch.full_like(inner, -1.0 / curvature), atol=1e-4, rtol=0)
-    torch.testing.assert_close(hyp.lorentz_log_map0(point, curvature), tangent, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lorentz.log_map0(point, curvature), tangent, atol=1e-5, rtol=1e-4)
     assert torch.equal(point[0], torch.zeros(8))
     # Far from the origin float32 cannot resolve ⟨z,z⟩_L = x_s² − x_t²; float64 can.
-    far = hyp.lorentz_exp_map0(2.0 * tangent.double(), curvature)
-    inner = hyp.lorentz_inner(far, far, curvature)
+    far = lorentz.exp_map0(2.0 * tangent.double(), curvature)
+    inner = lorentz.inner(far, far, curvature)
     torch.testing.assert_close(inner, torch.full_like(inner, -1.0 / curvature), atol=1e-8, rtol=0)
 
 
 @pytest.mark.parametrize("curvature", [0.3, 1.0, 2.5])
 def test_poincare_exp_map_stays_in_the_ball_and_log_inverts_it(curvature):
     tangent = 0.5 * torch.randn(64, 8)
-    point = hyp.poincare_exp_map0(tangent, curvature)
-    torch.testing.assert_close(hyp.poincare_log_map0(point, curvature), tangent, atol=1e-4, rtol=1e-4)
-    far = hyp.poincare_exp_map0(1e4 * tangent, curvature)
+    point = poincare.exp_map0(tangent, curvature)
+    torch.testing.assert_close(poincare.log_map0(point, curvature), tangent, atol=1e-4, rtol=1e-4)
+    far = poincare.exp_map0(1e4 * tangent, curvature)
     assert (far.norm(dim=-1) < curvature**-0.5).all()
 
 
@@ -98,18 +105,20 @@ def test_maps_match_geoopt():
     curvature = 0.7
     tangent = torch.randn(32, 6, dtype=torch.float64)
     # geoopt.Lorentz: ⟨x,x⟩_L = −k with k = 1/c, full coordinates [x_t, x_s].
-    lorentz = geoopt.Lorentz(k=torch.tensor(1.0 / curvature, dtype=torch.float64))
+    hyperboloid = geoopt.Lorentz(k=torch.tensor(1.0 / curvature, dtype=torch.float64))
     padded = torch.cat([torch.zeros(32, 1, dtype=torch.float64), tangent], dim=-1)
-    point = hyp.lorentz_exp_map0(tangent, curvature)
-    torch.testing.assert_close(lorentz_full(point, curvature), lorentz.expmap0(padded))
-    torch.testing.assert_close(hyp.lorentz_log_map0(point, curvature), lorentz.logmap0(lorentz.expmap0(padded))[:, 1:])
+    point = lorentz.exp_map0(tangent, curvature)
+    torch.testing.assert_close(lorentz_full(point, curvature), hyperboloid.expmap0(padded))
+    torch.testing.assert_close(
+        lorentz.log_map0(point, curvature), hyperboloid.logmap0(hyperboloid.expmap0(padded))[:, 1:]
+    )
     ball = geoopt.PoincareBall(c=torch.tensor(curvature, dtype=torch.float64))
-    torch.testing.assert_close(hyp.poincare_exp_map0(0.5 * tangent, curvature), ball.expmap0(0.5 * tangent))
+    torch.testing.assert_close(poincare.exp_map0(0.5 * tangent, curvature), ball.expmap0(0.5 * tangent))
     ball_point = ball.expmap0(0.5 * tangent)
-    torch.testing.assert_close(hyp.poincare_log_map0(ball_point, curvature), ball.logmap0(ball_point))
+    torch.testing.assert_close(poincare.log_map0(ball_point, curvature), ball.logmap0(ball_point))
     # The ball's exp_0(v) is the hyperboloid's exp_o(2v) under the standard isometry.
     torch.testing.assert_close(
-        hyp.lorentz_to_poincare(hyp.lorentz_exp_map0(tangent, curvature), curvature),
+        poincare.from_lorentz(lorentz.exp_map0(tangent, curvature), curvature),
         ball.expmap0(tangent / 2),
     )
 
@@ -121,13 +130,13 @@ def test_distances_match_geoopt(geometry, dtype):
     curvature = 1.3
     x, y = torch.randn(2, 128, 8, dtype=dtype)
     if geometry == "lorentz":
-        ours = hyp.lorentz_dist(x, y, curvature)
+        ours = lorentz.dist(x, y, curvature)
         manifold = geoopt.Lorentz(k=torch.tensor(1.0 / curvature, dtype=dtype))
         reference = manifold.dist(lorentz_full(x, curvature), lorentz_full(y, curvature))
     else:
         ball = geoopt.PoincareBall(c=torch.tensor(curvature, dtype=dtype))
         x, y = ball.expmap0(0.4 * x), ball.expmap0(0.4 * y)
-        ours = hyp.poincare_dist(x, y, curvature)
+        ours = poincare.dist(x, y, curvature)
         reference = ball.dist(x, y)
     tolerance = 1e-10 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(ours, reference.to(dtype), atol=tolerance, rtol=tolerance)
@@ -135,14 +144,14 @@ def test_distances_match_geoopt(geometry, dtype):
 
 def test_distance_of_a_point_to_itself_is_zero_with_finite_gradient():
     point = torch.randn(4, 8, requires_grad=True)
-    distance_sq = hyp.lorentz_dist(point, point, 1.0).square()
+    distance_sq = lorentz.dist(point, point, 1.0).square()
     assert distance_sq.max() < 1e-10
     distance_sq.sum().backward()
     assert torch.isfinite(point.grad).all()
     # The maps are smooth at the origin too.
     origin = torch.zeros(3, 8, requires_grad=True)
-    round_trip = hyp.lorentz_log_map0(hyp.lorentz_exp_map0(origin, 1.0), 1.0)
-    (round_trip.sum() + hyp.poincare_exp_map0(origin, 1.0).sum()).backward()
+    round_trip = lorentz.log_map0(lorentz.exp_map0(origin, 1.0), 1.0)
+    (round_trip.sum() + poincare.exp_map0(origin, 1.0).sum()).backward()
     torch.testing.assert_close(origin.grad, torch.full_like(origin, 2.0))
 
 
@@ -157,11 +166,11 @@ def test_hnn_fc_layer_matches_geoopt_hyperplane_distances():
     anchors = ball.expmap0(offsets.unsqueeze(-1) * unit)  # p_k = exp_0(r_k ẑ_k)
     signed = torch.stack([ball.dist2plane(x, anchors[k], unit[k], signed=True) for k in range(3)], dim=-1)
     expected_v = 2 * normals.norm(dim=-1) * signed
-    lifted = hyp.poincare_to_lorentz(x, curvature)
-    torch.testing.assert_close(hyp.poincare_hyperplane_distance(lifted, normals, offsets, curvature), expected_v)
+    lifted = poincare.to_lorentz(x, curvature)
+    torch.testing.assert_close(poincare.hyperplane_distance(lifted, normals, offsets, curvature), expected_v)
     w = torch.sinh(curvature**0.5 * expected_v) / curvature**0.5
     expected_y = w / (1 + torch.sqrt(1 + curvature * w.square().sum(-1, keepdim=True)))
-    output = hyp.poincare_fc(x, normals, offsets, curvature)
+    output = poincare.fc(x, normals, offsets, curvature)
     torch.testing.assert_close(output, expected_y)
     assert (output.norm(dim=-1) < curvature**-0.5).all()
 
@@ -180,21 +189,21 @@ def test_exterior_angle_matches_geoopt_tangent_angle():
     cosine = manifold.inner(x_full, to_child, away_from_origin) / (
         manifold.norm(to_child) * manifold.norm(away_from_origin)
     )
-    torch.testing.assert_close(hyp.exterior_angle(x, y, curvature), torch.acos(cosine))
+    torch.testing.assert_close(lorentz.exterior_angle(x, y, curvature), torch.acos(cosine))
 
 
 def test_entailment_loss_is_zero_inside_the_cone_and_positive_outside():
     curvature, cone_k = 1.0, 0.1
     parent = torch.tensor([[2.0, 0.0, 0.0]])
-    aperture = hyp.half_aperture(parent, curvature, cone_k)
+    aperture = lorentz.half_aperture(parent, curvature, cone_k)
     torch.testing.assert_close(aperture, torch.asin(torch.tensor([2 * cone_k / 2.0])))
     inside = torch.tensor([[3.0, 0.0, 0.0], [4.0, 0.05, 0.0]])  # further out along the parent's ray
     outside = torch.tensor([[2.0, 2.0, 0.0], [0.5, 0.0, 0.0]])  # off to the side; towards the origin
-    assert torch.equal(hyp.entailment_loss(parent.expand(2, 3), inside, curvature, cone_k), torch.zeros(2))
-    loss_outside = hyp.entailment_loss(parent.expand(2, 3), outside, curvature, cone_k)
+    assert torch.equal(lorentz.entailment_loss(parent.expand(2, 3), inside, curvature, cone_k), torch.zeros(2))
+    loss_outside = lorentz.entailment_loss(parent.expand(2, 3), outside, curvature, cone_k)
     assert (loss_outside > 0.5).all()
     # Towards the origin the exterior angle is π.
-    assert abs(hyp.exterior_angle(parent, outside[1:], curvature).item() - math.pi) < 1e-2
+    assert abs(lorentz.exterior_angle(parent, outside[1:], curvature).item() - math.pi) < 1e-2
 
 
 # ----------------------------------------------------------------------------- expert group
@@ -312,7 +321,7 @@ def test_alignment_is_zero_when_vision_and_text_points_coincide(geometry):
         group.text_projection.weight.copy_(group.vision_projection.weight)
     meta = make_meta()
     hidden = torch.randn(2, 1, HIDDEN).expand(2, 10, HIDDEN).contiguous()  # one vector per sample
-    losses = group.aux_losses(hidden, meta, {"shared": hidden})
+    losses = group.aux_losses(hidden, meta, {"shared": hidden}, every_token_processed(meta))
     assert set(losses) == {"geometry_align", "geometry_order"}
     assert losses["geometry_align"].item() < 1e-9
     assert torch.isfinite(losses["geometry_order"])
@@ -325,15 +334,19 @@ def test_geometry_losses_are_weighted_finite_and_read_the_evidence_group(geometr
     meta = make_meta()
     hidden = torch.randn(2, 10, HIDDEN)
     outputs = {"shared": torch.randn(2, 10, HIDDEN), "language": torch.randn(2, 10, HIDDEN)}
-    losses = group.aux_losses(hidden, meta, outputs)
+    losses = group.aux_losses(hidden, meta, outputs, every_token_processed(meta))
     raw = group.scalars()
     torch.testing.assert_close(losses["geometry_align"], 2.0 * raw["geometry_align_raw"])
     torch.testing.assert_close(losses["geometry_order"], 3.0 * raw["geometry_order_raw"])
     assert losses["geometry_align"] > 0 and all(torch.isfinite(v) for v in losses.values())
     # text_source=evidence with an evidence group: t comes from the language group, not the shared one.
-    changed_shared = group.aux_losses(hidden, meta, {**outputs, "shared": torch.randn(2, 10, HIDDEN)})
+    changed_shared = group.aux_losses(
+        hidden, meta, {**outputs, "shared": torch.randn(2, 10, HIDDEN)}, every_token_processed(meta)
+    )
     torch.testing.assert_close(changed_shared["geometry_align"], losses["geometry_align"])
-    changed_language = group.aux_losses(hidden, meta, {**outputs, "language": torch.randn(2, 10, HIDDEN)})
+    changed_language = group.aux_losses(
+        hidden, meta, {**outputs, "language": torch.randn(2, 10, HIDDEN)}, every_token_processed(meta)
+    )
     assert not torch.allclose(changed_language["geometry_align"], losses["geometry_align"])
 
 
@@ -341,7 +354,7 @@ def test_geometry_losses_without_an_eligible_sample_are_exact_zeros_on_the_graph
     group = make_group("lorentz", align=1.0, order=1.0)
     meta = make_meta(vision=0)  # no vision token anywhere
     hidden = torch.randn(2, 10, HIDDEN)
-    losses = group.aux_losses(hidden, meta, {"shared": hidden})
+    losses = group.aux_losses(hidden, meta, {"shared": hidden}, every_token_processed(meta))
     assert all(value.item() == 0.0 for value in losses.values())
     sum(losses.values()).backward()
     for parameter in (group.vision_projection.weight, group.text_projection.weight):
@@ -352,7 +365,9 @@ def test_geometry_losses_without_an_eligible_sample_are_exact_zeros_on_the_graph
 def test_no_loss_weight_builds_no_projection():
     group = make_group("poincare", align=0.0, order=0.0)
     assert group.vision_projection is None and group.text_projection is None
-    assert group.aux_losses(torch.randn(2, 10, HIDDEN), make_meta(), {"shared": torch.randn(2, 10, HIDDEN)}) == {}
+    meta = make_meta()
+    outputs = {"shared": torch.randn(2, 10, HIDDEN)}
+    assert group.aux_losses(torch.randn(2, 10, HIDDEN), meta, outputs, every_token_processed(meta)) == {}
 
 
 # ----------------------------------------------------------------------------- training

@@ -9,11 +9,14 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from asymoe.config import load
 from asymoe.models.moe import MoEState, TokenMeta
 from asymoe.models.vlm import VisionLanguageModel
-
 from conftest import TINY
 
-VANILLA = ["model.moe.routing.mode=shared", "model.moe.groups.vision.num_experts=0",
-           "model.moe.groups.shared.num_experts=4", "model.moe.groups.language.num_experts=0"]
+VANILLA = [
+    "model.moe.routing.mode=shared",
+    "model.moe.groups.vision.num_experts=0",
+    "model.moe.groups.shared.num_experts=4",
+    "model.moe.groups.language.num_experts=0",
+]
 
 
 def tiny_model(overrides: list[str], seed: int = 0) -> VisionLanguageModel:

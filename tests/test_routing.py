@@ -26,7 +26,12 @@ def make_block(overrides: list[str], hidden: int = 8, width: int = 16):
 
 def meta_for(vision: torch.Tensor, attention: torch.Tensor | None = None) -> TokenMeta:
     attention = torch.ones_like(vision) if attention is None else attention
-    return TokenMeta(vision_mask=vision, attention_mask=attention, evidence_mask=attention & True, answer_mask=torch.zeros_like(vision))
+    return TokenMeta(
+        vision_mask=vision,
+        attention_mask=attention,
+        evidence_mask=attention & True,
+        answer_mask=torch.zeros_like(vision),
+    )
 
 
 def test_top_k_renormalised():
@@ -49,14 +54,22 @@ def test_balance_loss_known_value():
     assert math.isclose(switch_balance_loss(probs, index, mask).item(), 1.4, rel_tol=1e-6)
     uniform = torch.full((4, 4), 0.25)
     index = torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3]])
-    assert math.isclose(switch_balance_loss(uniform, index, torch.ones(4, 2, dtype=torch.bool)).item(), 1.0, rel_tol=1e-6)
-    empty = switch_balance_loss(torch.zeros(0, 3, requires_grad=True), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2, dtype=torch.bool))
+    assert math.isclose(
+        switch_balance_loss(uniform, index, torch.ones(4, 2, dtype=torch.bool)).item(), 1.0, rel_tol=1e-6
+    )
+    empty = switch_balance_loss(
+        torch.zeros(0, 3, requires_grad=True), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2, dtype=torch.bool)
+    )
     assert empty.item() == 0.0 and empty.requires_grad
 
 
 def test_modality_eligibility():
     block, state = make_block(
-        ["model.moe.groups.vision.num_experts=2", "model.moe.groups.shared.num_experts=1", "model.moe.groups.language.num_experts=2"]
+        [
+            "model.moe.groups.vision.num_experts=2",
+            "model.moe.groups.shared.num_experts=1",
+            "model.moe.groups.language.num_experts=2",
+        ]
     )
     # Global order: vision 0-1, shared 2, language 3-4.
     torch.manual_seed(0)
@@ -83,8 +96,14 @@ def test_modality_eligibility():
 
 
 def test_padding_excluded_from_balance_and_dispatch():
-    block, state = make_block(["model.moe.routing.mode=shared", "model.moe.groups.shared.num_experts=4",
-                               "model.moe.groups.vision.num_experts=0", "model.moe.groups.language.num_experts=0"])
+    block, state = make_block(
+        [
+            "model.moe.routing.mode=shared",
+            "model.moe.groups.shared.num_experts=4",
+            "model.moe.groups.vision.num_experts=0",
+            "model.moe.groups.language.num_experts=0",
+        ]
+    )
     torch.manual_seed(0)
     hidden = torch.randn(1, 6, 8)
     vision = torch.zeros(1, 6, dtype=torch.bool)
@@ -120,7 +139,9 @@ def test_tail_detection_per_sample():
 
 def test_tail_tokens_get_top_a_weights_sum_to_one():
     logits = torch.tensor([[5.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.1]])  # token 0 peaked (high RPV)
-    routing = top_k_routing(logits, 2, tail_top_a=4, tail_candidate=torch.tensor([True, True]), sample_index=torch.tensor([0, 0]))
+    routing = top_k_routing(
+        logits, 2, tail_top_a=4, tail_candidate=torch.tensor([True, True]), sample_index=torch.tensor([0, 0])
+    )
     assert routing.tail_mask.tolist() == [True, False]
     assert routing.slot_mask.sum(-1).tolist() == [4, 2]
     torch.testing.assert_close(routing.expert_weight.sum(-1), torch.ones(2))
@@ -128,9 +149,14 @@ def test_tail_tokens_get_top_a_weights_sum_to_one():
 
 
 def test_ltdr_balance_ignores_vision_tokens():
-    overrides = ["model.moe.routing.mode=shared", "model.moe.groups.shared.num_experts=4",
-                 "model.moe.groups.vision.num_experts=0", "model.moe.groups.language.num_experts=0",
-                 "model.moe.routing.balance_modalities=[language]", "model.moe.routing.vision_tail.enabled=true"]
+    overrides = [
+        "model.moe.routing.mode=shared",
+        "model.moe.groups.shared.num_experts=4",
+        "model.moe.groups.vision.num_experts=0",
+        "model.moe.groups.language.num_experts=0",
+        "model.moe.routing.balance_modalities=[language]",
+        "model.moe.routing.vision_tail.enabled=true",
+    ]
     block, state = make_block(overrides)
     torch.manual_seed(0)
     vision = torch.zeros(2, 8, dtype=torch.bool)
@@ -148,9 +174,13 @@ def test_ltdr_balance_ignores_vision_tokens():
 
 
 def test_mean_experts_per_token_known_case():
-    overrides = ["model.moe.routing.mode=shared", "model.moe.groups.shared.num_experts=4",
-                 "model.moe.groups.vision.num_experts=0", "model.moe.groups.language.num_experts=0",
-                 "model.moe.routing.vision_tail.enabled=true"]
+    overrides = [
+        "model.moe.routing.mode=shared",
+        "model.moe.groups.shared.num_experts=4",
+        "model.moe.groups.vision.num_experts=0",
+        "model.moe.groups.language.num_experts=0",
+        "model.moe.routing.vision_tail.enabled=true",
+    ]
     block, state = make_block(overrides)
     vision = torch.zeros(1, 6, dtype=torch.bool)
     vision[0, :4] = True

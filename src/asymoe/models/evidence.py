@@ -11,9 +11,9 @@ and the language router's logits of every evidence expert get a bias (Eqs. 18-19
     s_evd = σ(w_evd · Attn(h, c)),   logit_e += s_evd.
 
 c is the layer's input hidden states at the *evidence* positions j ≤ i of the same sample: image
-tokens and prompt/question tokens, never answers or padding (TokenMeta.evidence_mask).
+tokens and prompt/question tokens, never answers or padding (TokenMeta.evidence).
 
-Our reading (DESIGN.md section 1, "AsyMoE - evidence-priority language experts"):
+Our reading (the paper leaves these points open):
 - act(W·x) is read as the base model's gated unit, act(W_gate·x) ⊙ (W_up·x), in both branches, as
   the dense Llama-family FFN the experts are upcycled from. So W1 = gate_up_proj (E, 2f, d),
   W2 = down_proj (E, d, f), W3 = evidence_gate_up_proj (E, 2f, 2d), W4 = evidence_down_proj (E, d, f).
@@ -21,7 +21,8 @@ Our reading (DESIGN.md section 1, "AsyMoE - evidence-priority language experts")
   (`heads` heads), causal (j ≤ i) and restricted to evidence positions. The paper does not say
   whether each expert owns one; we compute it once per layer, in `prepare`, for every position, and
   the group's experts share it (an expert only adds its own W3/W4 on top), so its cost does not
-  grow with the number of experts.
+  grow with the number of experts. Because it runs for every token whatever the routing, the
+  activated-parameter count includes it (and w_evd) in full for every language token.
 - Attn in the routing bias is the parameter-free single-head version of the same attention (q, k,
   v = h); only w_evd (d,) is learned. A position with no evidence at or before it gets a context of
   exactly 0 and s_evd = 0 (no evidence, no priority) rather than σ(0) = 0.5.
@@ -36,7 +37,7 @@ Our reading (DESIGN.md section 1, "AsyMoE - evidence-priority language experts")
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,9 @@ from torch import nn
 
 from asymoe.config import ConfigError, EvidenceConfig
 from asymoe.models.experts import FFNExperts, gated_ffn
+
+if TYPE_CHECKING:
+    from asymoe.models.moe import TokenMeta
 
 
 def evidence_attention(
@@ -73,9 +77,7 @@ class EvidenceCrossAttention(nn.Module):
     def __init__(self, hidden_size: int, heads: int):
         super().__init__()
         if hidden_size % heads:
-            raise ConfigError(
-                f"model.moe.evidence.heads={heads} must divide the language hidden size {hidden_size}"
-            )
+            raise ConfigError(f"model.moe.evidence.heads={heads} must divide the language hidden size {hidden_size}")
         self.heads = heads
         self.head_dim = hidden_size // heads
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -140,7 +142,7 @@ class EvidenceExperts(FFNExperts):
         self.route_bias = bool(config.route_bias)
         if self.route_bias:
             self.route_weight = nn.Parameter(torch.zeros(hidden_size))
-        self._scalars: dict[str, torch.Tensor] = {}
+        self._last: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
 
     @torch.no_grad()
     def upcycle_from(self, dense_mlp: nn.Module) -> None:
@@ -152,23 +154,22 @@ class EvidenceExperts(FFNExperts):
         self.evidence_gate_up_proj[:, :, : self.hidden_size] = gate_up
         self.evidence_down_proj.copy_(down.unsqueeze(0).expand_as(self.evidence_down_proj))
 
-    def prepare(self, hidden: torch.Tensor, meta: Any) -> dict[str, torch.Tensor]:
+    def prepare(self, hidden: torch.Tensor, meta: TokenMeta) -> dict[str, torch.Tensor]:
         batch, seq, width = hidden.shape
-        evidence_mask = meta.evidence_mask.bool() & meta.attention_mask.bool()  # (batch, seq)
         tokens = hidden.reshape(batch * seq, width)
-        context = self.cross_attention(hidden, hidden, evidence_mask).reshape(batch * seq, width)
+        context = self.cross_attention(hidden, hidden, meta.evidence).reshape(batch * seq, width)
         if self.fixed_alpha is None:
             alpha = torch.sigmoid(F.linear(tokens, self.alpha_weight, self.alpha_bias))  # (tokens, experts)
         else:
             alpha = tokens.new_full((batch * seq, self.num_experts), self.fixed_alpha)
         extras = {"context": context, "alpha": alpha}
-
-        language = (meta.attention_mask.bool() & ~meta.vision_mask.bool()).reshape(-1)  # (tokens,)
-        count = language.sum().clamp(min=1)
-        self._scalars = {"alpha": (alpha.detach().float().mean(-1) * language).sum() / count}
         if self.route_bias:
-            extras["s_evd"] = self._evidence_score(hidden, evidence_mask).reshape(batch * seq)
-            self._scalars["s_evd"] = (extras["s_evd"].detach() * language).sum() / count
+            extras["s_evd"] = self._evidence_score(hidden, meta.evidence).reshape(batch * seq)
+        # Kept for `scalars`, which reduces them only when statistics are read.
+        self._last = (
+            meta.language.reshape(-1),
+            {key: extras[key].detach() for key in ("alpha", "s_evd") if key in extras},
+        )
         return extras
 
     def _evidence_score(self, hidden: torch.Tensor, evidence_mask: torch.Tensor) -> torch.Tensor:
@@ -184,7 +185,19 @@ class EvidenceExperts(FFNExperts):
 
     def scalars(self) -> dict[str, torch.Tensor]:
         """Mean α (over the experts) and mean s_evd over the last forward's real language tokens."""
-        return dict(self._scalars)
+        if self._last is None:
+            return {}
+        language, values = self._last
+        count = language.sum().clamp(min=1)
+        return {
+            key: (value.float().reshape(language.shape[0], -1).mean(-1) * language).sum() / count
+            for key, value in values.items()
+        }
+
+    def always_active_parameter_count(self) -> int:
+        """The cross-attention and the routing-bias weight run for every token, whatever its experts."""
+        count = sum(p.numel() for p in self.cross_attention.parameters())
+        return count + (self.route_weight.numel() if self.route_bias else 0)
 
     def expert_forward(self, expert: int, tokens: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
         memory = gated_ffn(tokens, self.gate_up_proj[expert], self.down_proj[expert], self.act_fn)  # (n, d)

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asymoe.config import ModelConfig, eligible_groups, MODALITIES
-from asymoe.models.experts import ExpertGroup
+from asymoe.config import ModelConfig
+from asymoe.layout import MODALITIES, eligible_groups
 from asymoe.models.language import build_language_model, install_moe
 from asymoe.models.moe import MoEBlock, MoEState, TokenMeta
 from asymoe.models.projector import build_projector
@@ -38,9 +38,7 @@ class VisionLanguageModel(nn.Module):
         hidden_size = self.lm.config.hidden_size
         self.projector = build_projector(config.projector.kind, self.vision.out_dim, hidden_size)
         self.moe_state = MoEState()
-        self.moe_layer_indices = (
-            install_moe(self.lm, config.moe, self.moe_state) if config.moe.enabled else []
-        )
+        self.moe_layer_indices = install_moe(self.lm, config.moe, self.moe_state) if config.moe.enabled else []
 
     @property
     def num_image_tokens(self) -> int:
@@ -64,7 +62,9 @@ class VisionLanguageModel(nn.Module):
         empty = torch.zeros(0, 3, size, size, device=device)
         return 0.0 * self.encode_images(empty).sum()
 
-    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None, image_index: torch.Tensor) -> torch.Tensor:
+    def embed(
+        self, input_ids: torch.Tensor, image_features: torch.Tensor | None, image_index: torch.Tensor
+    ) -> torch.Tensor:
         """Token embeddings with each sample's image features at its placeholder positions."""
         embeds = self.lm.get_input_embeddings()(input_ids)  # (batch, seq, d)
         vision_mask = input_ids == self.image_token_id
@@ -97,19 +97,13 @@ class VisionLanguageModel(nn.Module):
         expected = torch.where(image_index >= 0, self.num_image_tokens, 0)
         if not torch.equal(placeholders, expected):
             raise ValueError(
-                f"each sample with an image needs exactly {self.num_image_tokens} image placeholder tokens; got {placeholders.tolist()}"
+                f"each sample with an image needs exactly {self.num_image_tokens} image placeholder tokens; "
+                f"got {placeholders.tolist()}"
             )
         embeds = self.embed(input_ids, image_features, image_index)
         if absent_images_term is not None:
             embeds = embeds + absent_images_term.to(embeds.dtype)
-        self.moe_state.set(
-            TokenMeta(
-                vision_mask=vision_mask,
-                attention_mask=attention_mask.bool(),
-                evidence_mask=evidence_mask.bool(),
-                answer_mask=answer_mask.bool(),
-            )
-        )
+        self.moe_state.set(TokenMeta(vision_mask, attention_mask, evidence_mask, answer_mask))
         logits = self.lm(inputs_embeds=embeds, attention_mask=attention_mask.long(), use_cache=False).logits
         lm_loss = None
         if labels is not None:
@@ -159,7 +153,9 @@ class VisionLanguageModel(nn.Module):
         """Greedy decoding of right-padded prompts, one sequence per question.
 
         Causal attention makes a position's logits independent of what follows it, so each sample
-        extends in place after its own prompt. Returns (batch, max_new_tokens), pad after EOS.
+        extends in place after its own prompt. evidence_mask marks evidence among the prompt
+        positions; a position at or after a sample's prompt length (what it generates) is never
+        evidence. Returns (batch, max_new_tokens), pad after EOS.
         """
         batch = input_ids.shape[0]
         image_features = self.encode_images(pixel_values) if pixel_values is not None else None
@@ -169,6 +165,8 @@ class VisionLanguageModel(nn.Module):
         evidence = torch.zeros_like(ids, dtype=torch.bool)
         evidence[:, : evidence_mask.shape[1]] = evidence_mask[:, :width].bool()
         positions = torch.arange(width, device=ids.device)
+        # Only prompt positions can be evidence: what the model generates never is.
+        evidence &= positions.unsqueeze(0) < prompt_lengths.unsqueeze(1)
         generated = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=ids.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
         rows = torch.arange(batch, device=ids.device)
@@ -201,26 +199,20 @@ class VisionLanguageModel(nn.Module):
         """Total parameters and parameters activated per vision / language token.
 
         Activated = every non-expert parameter (vision encoder and projector counted for vision
-        tokens only) + in each MoE layer the top-k largest experts eligible for the modality.
-        LTDR tail tokens use more experts; their measured count is logged during training.
+        tokens only) + in each MoE layer the top-k largest experts eligible for the modality + the
+        parameters an eligible group runs for every token whatever the routing (the evidence
+        cross-attention and routing-bias weight). LTDR tail tokens use more experts; their
+        measured count is logged during training.
         """
-        count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-        vision = count(self.vision)
-        projector = count(self.projector)
-        lm_total = count(self.lm)
-        expert_params = 0
-        per_modality_experts = {m: 0 for m in MODALITIES}
-        top_k = self.config.moe.routing.top_k
-        for block in self.moe_blocks():
-            for group in block.groups.values():
-                expert_params += count(group)
-            for modality in MODALITIES:
-                names = [g for g in eligible_groups(self.config.moe.routing.mode, modality) if g in block.groups]
-                sizes = sorted(
-                    (block.groups[g].expert_parameter_count() for g in names for _ in range(block.groups[g].num_experts)),
-                    reverse=True,
-                )
-                per_modality_experts[modality] += sum(sizes[:top_k])
+        vision = _count(self.vision)
+        projector = _count(self.projector)
+        lm_total = _count(self.lm)
+        blocks = self.moe_blocks()
+        expert_params = sum(_count(group) for block in blocks for group in block.groups.values())
+        activated = {
+            modality: sum(_activated_in_block(block, self.config.moe.routing, modality) for block in blocks)
+            for modality in MODALITIES
+        }
         lm_shared = lm_total - expert_params
         return {
             "total": vision + projector + lm_total,
@@ -228,9 +220,24 @@ class VisionLanguageModel(nn.Module):
             "projector": projector,
             "language_model": lm_total,
             "experts": expert_params,
-            "activated_per_vision_token": vision + projector + lm_shared + per_modality_experts["vision"],
-            "activated_per_language_token": lm_shared + per_modality_experts["language"],
+            "activated_per_vision_token": vision + projector + lm_shared + activated["vision"],
+            "activated_per_language_token": lm_shared + activated["language"],
         }
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _activated_in_block(block: MoEBlock, routing, modality: str) -> int:
+    """Expert-group parameters one token of `modality` activates in `block` (top-k largest experts)."""
+    names = [g for g in eligible_groups(routing.mode, modality) if g in block.groups]
+    sizes = sorted(
+        (block.groups[g].expert_parameter_count() for g in names for _ in range(block.groups[g].num_experts)),
+        reverse=True,
+    )
+    always_active = sum(block.groups[g].always_active_parameter_count() for g in names)
+    return sum(sizes[: routing.top_k]) + always_active
 
 
 def group_parameters(model: VisionLanguageModel) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -250,4 +257,4 @@ def group_parameters(model: VisionLanguageModel) -> dict[str, list[tuple[str, nn
     return groups
 
 
-__all__ = ["VisionLanguageModel", "VLMOutput", "group_parameters", "ExpertGroup"]
+__all__ = ["VisionLanguageModel", "VLMOutput", "group_parameters"]

@@ -1,0 +1,101 @@
+r"""Poincaré-ball math as pure functions: maps, distance and the HNN++ fully-connected layer.
+
+Curvature is −c (c > 0). Sources: HNN++ (Shimizu et al., ICLR 2021) for the layer; the ball's
+maps as in geoopt.PoincareBall, against which these functions are tested.
+
+    exp_0(v) = tanh(√c‖v‖)·v/(√c‖v‖),   log_0(y) = artanh(√c‖y‖)·y/(√c‖y‖)
+
+Fully-connected layer with hyperplanes (z_k, r_k):
+    v_k(x) = (2‖z_k‖/√c)·asinh(λ_x·√c⟨x, ẑ_k⟩·cosh(2√c r_k) − (λ_x − 1)·sinh(2√c r_k)),
+    λ_x = 2/(1 − c‖x‖²),   w_k = sinh(√c v_k)/√c,   y = w/(1 + sqrt(1 + c‖w‖²)).
+v_k is 2‖z_k‖ times the signed distance of x to the k-th Poincaré hyperplane. Its input enters
+only through λ_x·x and λ_x − 1, which are the space part and √c·(time part) of x's image on the
+hyperboloid, and w is the hyperboloid image of the output y; so the layer is evaluated on
+hyperboloid coordinates (`fc_lifted`), which stays exact where 1 − c‖x‖² underflows.
+The ball's exp_0(v) is the image of the hyperboloid's exp_o(2v) and log_0 is half of log_o (the
+ball's conformal factor at the origin is 2).
+
+Clamps: ball points stay within (1 − 1e-5)/√c of the origin (artanh inputs ≤ 1 − 1e-5), sinh
+inputs and shifts ≤ asinh(2^15) (lorentz.SINH_MAX).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from asymoe.models import lorentz
+from asymoe.models.lorentz import SINH_MAX, Curvature, safe_norm
+
+BALL_EPS = 1e-5  # ball points stay within (1 − ε)/√c of the origin
+
+
+def exp_map0(tangent: torch.Tensor, curvature: Curvature) -> torch.Tensor:
+    """exp_0(v) = tanh(√c‖v‖)·v/(√c‖v‖), kept strictly inside the ball."""
+    sqrt_c = curvature**0.5
+    scaled_norm = sqrt_c * safe_norm(tangent)
+    radius = torch.tanh(scaled_norm).clamp(max=1.0 - BALL_EPS)  # √c·‖exp_0(v)‖
+    return radius / scaled_norm * tangent
+
+
+def log_map0(ball_point: torch.Tensor, curvature: Curvature) -> torch.Tensor:
+    """log_0(y) = artanh(√c‖y‖)·y/(√c‖y‖)."""
+    scaled_norm = curvature**0.5 * safe_norm(ball_point)
+    return torch.atanh(scaled_norm.clamp(max=1.0 - BALL_EPS)) / scaled_norm * ball_point
+
+
+def to_lorentz(ball_point: torch.Tensor, curvature: Curvature) -> torch.Tensor:
+    """Space part of y's image on the hyperboloid: x_s = 2y/(1 − c‖y‖²) = λ_y·y."""
+    scaled_sq = (curvature * ball_point.square().sum(-1, keepdim=True)).clamp(max=(1.0 - BALL_EPS) ** 2)
+    return 2.0 * ball_point / (1.0 - scaled_sq)
+
+
+def from_lorentz(x_space: torch.Tensor, curvature: Curvature) -> torch.Tensor:
+    """Ball point of a hyperboloid point: y = x_s/(1 + √c·x_t) = x_s/(1 + sqrt(1 + c‖x_s‖²))."""
+    return x_space / (1.0 + torch.sqrt(1.0 + curvature * x_space.square().sum(-1, keepdim=True)))
+
+
+def dist(x: torch.Tensor, y: torch.Tensor, curvature: Curvature) -> torch.Tensor:
+    """Poincaré-ball distance, through the isometry onto the hyperboloid."""
+    return lorentz.dist(to_lorentz(x, curvature), to_lorentz(y, curvature), curvature)
+
+
+def _scaled_hyperplane_distance(
+    x_space: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, curvature: Curvature
+) -> torch.Tensor:
+    """√c·v_k(x) = 2‖z_k‖·asinh(√c⟨λ_x·x, ẑ_k⟩·cosh(2√c r_k) − (λ_x − 1)·sinh(2√c r_k)).
+
+    The asinh argument of every k comes from one matmul of [√c·x_t; x_s] (x_s = λ_x·x).
+    """
+    sqrt_c = curvature**0.5
+    weight_norm = safe_norm(weight)  # (out, 1)
+    shift = (2.0 * sqrt_c * offset).clamp(-SINH_MAX, SINH_MAX).unsqueeze(-1)  # 2√c·r_k, (out, 1)
+    scaled_time = torch.sqrt(1.0 + curvature * x_space.square().sum(-1, keepdim=True))  # λ_x − 1 = √c·x_t
+    # [√c x_t; x_s] against [−sinh(2√c r_k); √c cosh(2√c r_k) ẑ_k] gives the asinh argument.
+    rows = torch.cat([-torch.sinh(shift), sqrt_c * torch.cosh(shift) * weight / weight_norm], dim=-1)
+    argument = F.linear(torch.cat([scaled_time, x_space], dim=-1), rows)  # (..., out)
+    return 2.0 * weight_norm.squeeze(-1) * torch.asinh(argument)
+
+
+def hyperplane_distance(
+    x_space: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, curvature: Curvature
+) -> torch.Tensor:
+    """HNN++'s v_k(x) for all hyperplanes k, x given by its hyperboloid space part (λ_x·x).
+
+    weight (out, in) holds the z_k as rows, offset (out,) the r_k; returns (..., out).
+    """
+    return _scaled_hyperplane_distance(x_space, weight, offset, curvature) / curvature**0.5
+
+
+def fc_lifted(x_space: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, curvature: Curvature) -> torch.Tensor:
+    """HNN++ Poincaré FC layer on hyperboloid coordinates: returns w = sinh(√c·v(x))/√c.
+
+    w is the hyperboloid space part of the layer's ball output y = w/(1 + sqrt(1 + c‖w‖²)).
+    """
+    scaled_distance = _scaled_hyperplane_distance(x_space, weight, offset, curvature)
+    return torch.sinh(scaled_distance.clamp(-SINH_MAX, SINH_MAX)) / curvature**0.5
+
+
+def fc(x: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, curvature: Curvature) -> torch.Tensor:
+    """HNN++ Poincaré fully-connected layer on ball points: y = w/(1 + sqrt(1 + c‖w‖²))."""
+    return from_lorentz(fc_lifted(to_lorentz(x, curvature), weight, offset, curvature), curvature)
