@@ -9,14 +9,19 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from asymoe.config import ConfigError, load
 from asymoe.models.moe import MoEBlock
 from asymoe.models.vlm import VisionLanguageModel
-
 from conftest import TINY
 
 
 def save_tiny_lm(directory, arch: str, vocab: int = 64) -> None:
     config = AutoConfig.for_model(
-        arch, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        arch,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
@@ -40,7 +45,15 @@ def test_local_pretrained_lm_gets_moe_and_trains(arch, tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(3):
-        out = model(ids, mask, mask, torch.zeros_like(mask), torch.tensor([0, 1]), pixel_values=torch.randn(2, 3, 64, 64), labels=ids)
+        out = model(
+            ids,
+            mask,
+            mask,
+            torch.zeros_like(mask),
+            torch.tensor([0, 1]),
+            pixel_values=torch.randn(2, 3, 64, 64),
+            labels=ids,
+        )
         loss = out.lm_loss + out.aux_loss
         optimizer.zero_grad()
         loss.backward()
@@ -50,11 +63,12 @@ def test_local_pretrained_lm_gets_moe_and_trains(arch, tmp_path):
     assert losses[-1] < losses[0]
 
 
-def test_unsupported_family_is_refused(tmp_path):
-    config = AutoConfig.for_model("gpt2", vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=64)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gpt2")
-    cfg = load(None, TINY + [f"model.language.pretrained_path={tmp_path / 'gpt2'}"])
-    with pytest.raises(ConfigError, match="model type 'gpt2' is not supported yet; supported: llama, qwen2, mistral"):
+def test_mlp_with_an_activation_the_config_does_not_name_is_refused(tmp_path):
+    # BLOOM's MLP is two linears around its own GELU module, which no config activation key names.
+    config = AutoConfig.for_model("bloom", vocab_size=64, hidden_size=32, n_layer=2, n_head=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "bloom")
+    cfg = load(None, TINY + [f"model.language.pretrained_path={tmp_path / 'bloom'}"])
+    with pytest.raises(ConfigError, match="cannot tell the activation of BloomMLP from the model config"):
         VisionLanguageModel(cfg.model, vocab_size=64, image_token_id=4)
 
 
