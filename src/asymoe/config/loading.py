@@ -13,16 +13,18 @@ The override syntax lives here alone: :func:`parse_overrides` reads ``key.sub=va
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from asymoe.config.schema import Config, all_keys, choices
+from asymoe.config.schema import Config, all_keys, choices, container_type, is_section
 from asymoe.config.validation import validate
 from asymoe.errors import ConfigError
 
@@ -40,7 +42,7 @@ def _first_line(error: BaseException) -> str:
 
 def _closest(key: str) -> str:
     """A did-you-mean hint for an unknown dotted key."""
-    candidates = all_keys(Config)
+    candidates = all_keys()
     match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     if not match:
         leaf = key.rsplit(".", 1)[-1]
@@ -54,19 +56,49 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle")
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as error:  # yaml errors carry multi-line marks; keep the first line
-        raise ConfigError(f"{path}: not valid YAML ({_first_line(error)})") from None
-    if not isinstance(raw, DictConfig):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = _parse_yaml_mapping(path)
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
     if not isinstance(parent, str):
         raise ConfigError(f"{path}: 'extends' must be one file path, got {parent!r}")
     base = _read_yaml((path.parent / parent).resolve(), seen + (path.resolve(),))
-    return OmegaConf.merge(base, raw)  # type: ignore[return-value]
+    return merge_layer(base, raw)
+
+
+def _parse_yaml_mapping(path: Path) -> DictConfig:
+    """The file's top-level mapping. OmegaConf alone would misread a top-level string as a key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        top = yaml.safe_load(text)
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    except Exception as error:  # yaml errors carry multi-line marks; keep the first line
+        raise ConfigError(f"{path}: not valid YAML ({_first_line(error)})") from None
+    if top is None:  # an empty file
+        return OmegaConf.create({})
+    if not isinstance(top, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(top).__name__}")
+    try:
+        return OmegaConf.create(text)  # type: ignore[return-value]
+    except Exception as error:  # what OmegaConf's loader adds: duplicate keys, key types
+        raise ConfigError(f"{path}: not valid YAML ({_first_line(error)})") from None
+
+
+def merge_layer(base: DictConfig, layer: DictConfig) -> DictConfig:
+    """OmegaConf.merge, except that `model.vision.model_kwargs` is replaced rather than merged when the
+    layer names another `model_name` (one model's kwargs mean nothing to another) or sets it to {} / null."""
+    vision = OmegaConf.select(layer, "model.vision", default=None)
+    if isinstance(vision, DictConfig):
+        renamed = "model_name" in vision and vision.model_name != OmegaConf.select(base, "model.vision.model_name")
+        cleared = "model_kwargs" in vision and not vision.model_kwargs
+        if cleared:
+            layer = layer.copy()
+            layer.model.vision.model_kwargs = {}
+        if (renamed or cleared) and OmegaConf.select(base, "model.vision.model_kwargs"):
+            base = base.copy()
+            base.model.vision.model_kwargs = {}
+    return OmegaConf.merge(base, layer)  # type: ignore[return-value]
 
 
 def _is_file(path: Path) -> bool:
@@ -103,13 +135,35 @@ def format_override(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"
 
 
-def _merge_error(origin: str, error: OmegaConfBaseException) -> ConfigError:
+def _misfit(tree: Any, prefix: str = "") -> tuple[str, Any, type] | None:
+    """(key, value, expected container) for the first value of a layer (as plain containers) whose
+    container kind contradicts the schema: a scalar or list for a section, a dict for a list, ..."""
+    if not isinstance(tree, dict):
+        return None
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        expected = container_type(name)
+        if expected is not None and not isinstance(value, expected) and value is not None:
+            return name, value, expected
+        found = _misfit(value, name + ".") if is_section(name) else None
+        if found is not None:
+            return found
+    return None
+
+
+def _merge_error(origin: str, error: Exception, layer: DictConfig) -> ConfigError:
     key = getattr(error, "full_key", None) or str(getattr(error, "key", "") or "")
     if isinstance(error, ConfigKeyError):
         leaf = key.rsplit(".", 1)[-1]
         if leaf in RETIRED_KEYS:
             return ConfigError(f"{origin}: '{key}' is not a config key: {RETIRED_KEYS[leaf]}")
         return ConfigError(f"{origin}: unknown key '{key}'{_closest(key)}")
+    misfit = _misfit(OmegaConf.to_container(layer, resolve=False))
+    if misfit is not None:
+        name, value, expected = misfit
+        if is_section(name):
+            return ConfigError(f"{origin}: '{name}' is a section of keys ({name}.*), not a value; got {value!r}")
+        return ConfigError(f"{origin}: key '{name}' needs a {expected.__name__}, got {value!r}")
     value = getattr(error, "value", None)
     if isinstance(error, ValidationError):
         valid = choices(key)
@@ -119,15 +173,21 @@ def _merge_error(origin: str, error: OmegaConfBaseException) -> ConfigError:
     return ConfigError(f"{origin}: {_first_line(error)}")
 
 
+@functools.cache
+def _schema() -> DictConfig:
+    """The schema with its defaults, built once (OmegaConf.merge copies it, never changes it)."""
+    return OmegaConf.structured(Config)
+
+
 def merge_onto_schema(layers: Sequence[tuple[str, DictConfig]]) -> DictConfig:
     """The schema's defaults with each (origin, layer) merged on in order; origin names the layer in errors."""
-    merged = OmegaConf.structured(Config)
+    merged = _schema().copy()  # the cached schema itself is never handed out or changed
     for origin, layer in layers:
         try:
-            merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as error:
-            raise _merge_error(origin, error) from None
-    return merged  # type: ignore[return-value]
+            merged = merge_layer(merged, layer)
+        except (OmegaConfBaseException, TypeError) as error:  # TypeError: a dict merged onto a list, and the like
+            raise _merge_error(origin, error, layer) from None
+    return merged
 
 
 def check_overrides(overrides: Sequence[str], origin: str = "overrides") -> None:

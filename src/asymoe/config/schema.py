@@ -7,6 +7,7 @@ topology); OmegaConf enforces it when a YAML file or an override is merged onto 
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -251,21 +252,17 @@ class Config:
         self.source_file: str | None = None
 
 
-def all_keys(schema: type = Config, prefix: str = "") -> list[str]:
+@functools.cache
+def all_keys(schema: type = Config, prefix: str = "") -> tuple[str, ...]:
     """Every dotted key of the schema, sections included."""
-    keys = []
+    keys: list[str] = []
+    hints = typing.get_type_hints(schema)
     for item in fields(schema):
         name = f"{prefix}{item.name}"
         keys.append(name)
-        section = _section_type(schema, item.name)
-        if section is not None:
-            keys.extend(all_keys(section, name + "."))
-    return keys
-
-
-def _section_type(schema: type, name: str) -> type | None:
-    hint = typing.get_type_hints(schema)[name]
-    return hint if is_dataclass(hint) else None
+        if is_dataclass(hints[item.name]):
+            keys.extend(all_keys(hints[item.name], name + "."))
+    return tuple(keys)
 
 
 def _field_hint(key: str) -> Any:
@@ -285,3 +282,16 @@ def choices(key: str) -> tuple[str, ...] | None:
         inner = [arg for arg in get_args(hint) if arg is not type(None)]
         hint = inner[0] if len(inner) == 1 else hint
     return get_args(hint) if get_origin(hint) is Literal else None
+
+
+def is_section(key: str) -> bool:
+    """Whether a dotted key names a section of the schema (a nested dataclass), not a value."""
+    return is_dataclass(_field_hint(key))
+
+
+def container_type(key: str) -> type | None:
+    """dict for a section or a mapping field, list for a list field, None for a scalar or unknown key."""
+    hint = _field_hint(key)
+    if is_dataclass(hint) or hint is dict or get_origin(hint) is dict:
+        return dict
+    return list if hint is list or get_origin(hint) is list else None
