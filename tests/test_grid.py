@@ -22,7 +22,6 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from asymoe import cli
 from asymoe import grid as grid_lib
 from asymoe.config import ConfigError
-
 from conftest import REPO, TINY
 
 MOIIE = str(REPO / "experiments" / "moiie.yaml")
@@ -72,10 +71,7 @@ def test_two_by_two_grid_with_two_seeds_expands_to_eight_cells(tmp_path):
     cells = grid_lib.expand(grid)
     grid_lib.validate(grid, cells)
     assert [cell.name for cell in cells] == [
-        f"routing.top_k={k}__balance_coef.language={c}__seed={s}"
-        for k in (1, 2)
-        for c in (0.001, 0.01)
-        for s in (0, 1)
+        f"routing.top_k={k}__balance_coef.language={c}__seed={s}" for k in (1, 2) for c in (0.001, 0.01) for s in (0, 1)
     ]
     assert len({cell.group for cell in cells}) == 4
     last = cells[-1]
@@ -113,7 +109,64 @@ def test_variants_switch_experiments_and_quick_preset_applies(tmp_path):
             assert config["data.limit_train"] == limit
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "ablations").glob("*.yaml")), ids=lambda p: p.stem)
+def test_extends_inherits_keys_with_paths_relative_to_the_file_that_wrote_them(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "experiment.yaml").write_text(f"extends: {MOIIE}\noptim:\n  lr: 0.002\n")
+    write_grid(
+        tmp_path / "shared" / "_presets.yaml",
+        base="experiment.yaml",  # relative to shared/, not to the grid that extends it
+        seeds=[0, 1, 2],
+        quick=["data.limit_train=10"],
+        variants={"inherited": []},
+    )
+    path = write_grid(
+        tmp_path / "g.yaml",
+        extends="shared/_presets.yaml",
+        name="g",
+        seeds=[5],
+        axes={"model.moe.routing.top_k": [1, 2]},
+    )
+    grid = grid_lib.load_grid(path, quick=True)
+    assert grid.base == str(tmp_path / "shared" / "experiment.yaml")
+    assert grid.seeds == [5] and grid.overrides == ["data.limit_train=10"]
+    # Top-level keys replace, they do not merge: the preset's variants stay, the grid adds axes.
+    cells = grid_lib.expand(grid)
+    assert [cell.name for cell in cells] == [f"variant=inherited__routing.top_k={k}__seed=5" for k in (1, 2)]
+    grid_lib.validate(grid, cells)
+    assert cells[0].config["optim.lr"] == 0.002 and cells[0].config["data.limit_train"] == 10
+    # The grid's identity covers the files it extends: editing the preset makes it another grid.
+    before = grid.sha256
+    (tmp_path / "shared" / "_presets.yaml").write_text(
+        (tmp_path / "shared" / "_presets.yaml").read_text() + "\n# edit\n"
+    )
+    assert grid_lib.load_grid(path, quick=True).sha256 != before
+
+
+def test_extends_cycle_and_unknown_key_in_extended_file_are_one_line_errors(tmp_path):
+    write_grid(tmp_path / "a.yaml", extends="b.yaml", name="a", base=MOIIE, axes={"model.moe.routing.top_k": [1]})
+    write_grid(tmp_path / "b.yaml", extends="a.yaml")
+    with pytest.raises(ConfigError, match="'extends' forms a cycle"):
+        grid_lib.load_grid(tmp_path / "a.yaml")
+    write_grid(tmp_path / "b.yaml", qiuck=["data.limit_train=10"])
+    with pytest.raises(ConfigError, match=re.escape("b.yaml: unknown key 'qiuck'; did you mean 'quick'?")):
+        grid_lib.load_grid(tmp_path / "a.yaml")
+    write_grid(tmp_path / "a.yaml", extends="missing.yaml", name="a", base=MOIIE, axes={"model.moe.routing.top_k": [1]})
+    with pytest.raises(ConfigError, match="grid file not found: .*missing.yaml"):
+        grid_lib.load_grid(tmp_path / "a.yaml")
+
+
+def test_shipped_grids_share_one_quick_preset():
+    presets = grid_lib.read_grid_file(REPO / "ablations" / "_presets.yaml")[0]
+    for path in SHIPPED_GRIDS:
+        if "extends: _presets.yaml" in path.read_text():
+            assert grid_lib.load_grid(path, quick=True).overrides == presets["quick"]
+
+
+# Files named _*.yaml hold presets that grids extend; they are not grids themselves.
+SHIPPED_GRIDS = sorted(p for p in (REPO / "ablations").glob("*.yaml") if not p.name.startswith("_"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_GRIDS, ids=lambda p: p.stem)
 def test_shipped_grids_validate(path):
     grid = grid_lib.load_grid(path, quick=True)
     cells = grid_lib.expand(grid)
@@ -129,16 +182,31 @@ def test_shipped_grids_validate(path):
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"axes": {"model.moe.routing.topk": [1, 2]}}, "axes: unknown key 'model.moe.routing.topk'; did you mean 'model.moe.routing.top_k'?"),
+        (
+            {"axes": {"model.moe.routing.topk": [1, 2]}},
+            "axes: unknown key 'model.moe.routing.topk'; did you mean 'model.moe.routing.top_k'?",
+        ),
         ({"axes": {"model.moe.routing.top_k": []}}, "axes.model.moe.routing.top_k is empty"),
         ({"axes": {}}, "axes and variants are both empty"),
         ({"axes": {"model.moe.routing.top_k": [1, 1]}}, "cells 1 and 2 are both named 'routing.top_k=1__seed=0'"),
         ({"variants": {"top 1": [], "top/1": []}}, "both named 'variant=top_1__seed=0'"),
         ({"axes": {"model.moe.routing.top_k": [5]}}, "cell 1 of 1 'routing.top_k=5__seed=0'"),
-        ({"axes": {"model.moe.routing.top_k": [1]}, "overrides": ["model.moe.routing.top_k=2"]}, "which the grid varies"),
+        (
+            {"axes": {"model.moe.routing.top_k": [1]}, "overrides": ["model.moe.routing.top_k=2"]},
+            "which the grid varies",
+        ),
         ({"variants": {"missing": {"experiment": "no_such_experiment.yaml"}}}, "cell 1 of 1 'variant=missing__seed=0'"),
     ],
-    ids=["unknown-axis-key", "empty-axis", "nothing-varies", "duplicate-values", "duplicate-variants", "invalid-cell", "override-vs-axis", "missing-experiment"],
+    ids=[
+        "unknown-axis-key",
+        "empty-axis",
+        "nothing-varies",
+        "duplicate-values",
+        "duplicate-variants",
+        "invalid-cell",
+        "override-vs-axis",
+        "missing-experiment",
+    ],
 )
 def test_bad_grid_is_one_line_error_exit_2(tmp_path, fields, message):
     path = write_grid(tmp_path / "bad.yaml", name="bad", base=MOIIE, **fields)
@@ -152,7 +220,12 @@ def test_bad_grid_is_one_line_error_exit_2(tmp_path, fields, message):
 def test_report_aggregates_seeds_and_writes_hparams(tmp_path):
     """Report from disk alone: two groups x two seeds, one seed failed."""
     path = write_grid(
-        tmp_path / "g.yaml", name="agg", base=MOIIE, axes={"model.moe.routing.top_k": [1, 2]}, seeds=[0, 1], metric="test/accuracy"
+        tmp_path / "g.yaml",
+        name="agg",
+        base=MOIIE,
+        axes={"model.moe.routing.top_k": [1, 2]},
+        seeds=[0, 1],
+        metric="test/accuracy",
     )
     grid = grid_lib.load_grid(path)
     cells = grid_lib.expand(grid)
@@ -165,7 +238,12 @@ def test_report_aggregates_seeds_and_writes_hparams(tmp_path):
         cell_dir = grid_dir / "cells" / cell.name
         cell_dir.mkdir()
         if cell.name in accuracy:
-            metrics = {"test/accuracy": accuracy[cell.name], "test/lm_loss": 1.0, "params/total": 1000, "time/total_s": 10.0}
+            metrics = {
+                "test/accuracy": accuracy[cell.name],
+                "test/lm_loss": 1.0,
+                "params/total": 1000,
+                "time/total_s": 10.0,
+            }
             (cell_dir / "metrics.json").write_text(json.dumps(metrics))
         else:
             (cell_dir / "status.json").write_text(json.dumps({"status": "failed", "error": "boom"}))
@@ -203,7 +281,9 @@ def test_finished_cell_with_changed_config_is_refused_then_rerun_with_force(tmp_
         cell_dir.mkdir(parents=True)
         (cell_dir / "cell.json").write_text(json.dumps({"config": {**cell.config, "optim.lr": lr}}))
         (cell_dir / "metrics.json").write_text("{}")
-    with pytest.raises(ConfigError, match=re.escape(f"cell '{cells[1].name}' finished under another config (optim.lr: 0.123 -> ")):
+    with pytest.raises(
+        ConfigError, match=re.escape(f"cell '{cells[1].name}' finished under another config (optim.lr: 0.123 -> ")
+    ):
         grid_lib.check_grid_dir(grid_dir, grid, cells, force=False)
     states = grid_lib.check_grid_dir(grid_dir, grid, cells, force=True)
     assert states == {cells[0].name: "finished", cells[1].name: "stale"}
@@ -222,14 +302,25 @@ def resumed_grid(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("grid")
     (root / "train.json").write_text(
-        json.dumps([{"image": "missing.png", "conversations": [{"from": "human", "value": "<image>\nshape?"}, {"from": "gpt", "value": "circle"}]}])
+        json.dumps(
+            [
+                {
+                    "image": "missing.png",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nshape?"},
+                        {"from": "gpt", "value": "circle"},
+                    ],
+                }
+            ]
+        )
     )
     path = write_grid(
         root / "tiny.yaml",
         name="tiny",
         base=MOIIE,
         # Evaluation dominates a TINY run's time: one batch of 8, two generated tokens.
-        overrides=TINY + ["data.limit_val=8", "data.limit_test=8", "data.eval_batch_size=8", "data.max_answer_tokens=2"],
+        overrides=TINY
+        + ["data.limit_val=8", "data.limit_test=8", "data.eval_batch_size=8", "data.max_answer_tokens=2"],
         variants={
             "top 1": ["model.moe.routing.top_k=1"],
             "top 2": ["model.moe.routing.top_k=2"],
@@ -242,7 +333,9 @@ def resumed_grid(tmp_path_factory):
     with open(root / "killed.log", "wb") as log:
         grid_process = subprocess.Popen(
             [sys.executable, "-m", "asymoe.cli", "grid", str(path), "--output", str(grid_dir)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.time() + 240
         while not ((cells[0] / "metrics.json").exists() and (cells[1] / "status.json").exists()):
@@ -256,8 +349,15 @@ def resumed_grid(tmp_path_factory):
     first_finished_at = (cells[0] / "metrics.json").stat().st_mtime_ns
     code, out, err = run_main(["grid", str(path), "--output", str(grid_dir)])
     return {
-        "path": path, "grid_dir": grid_dir, "cells": cells, "code": code, "out": out, "err": err,
-        "killed_second_state": killed_second_state, "first_finished_at": first_finished_at, "killed_at": killed_at,
+        "path": path,
+        "grid_dir": grid_dir,
+        "cells": cells,
+        "code": code,
+        "out": out,
+        "err": err,
+        "killed_second_state": killed_second_state,
+        "first_finished_at": first_finished_at,
+        "killed_at": killed_at,
     }
 
 
@@ -322,7 +422,16 @@ def test_grid_dir_of_another_grid_is_refused_unless_forced(resumed_grid, tmp_pat
     code, out, _ = run_main(argv + ["--force"])
     assert code == 0 and "cell 1 of 1: routing.top_k=1__seed=0  [run]" in out
     # The same grid file with other command-line overrides is a different grid too.
-    code, _, err = run_main(["grid", str(resumed_grid["path"]), "trainer.max_steps=3", "--output", str(resumed_grid["grid_dir"]), "--dry-run"])
+    code, _, err = run_main(
+        [
+            "grid",
+            str(resumed_grid["path"]),
+            "trainer.max_steps=3",
+            "--output",
+            str(resumed_grid["grid_dir"]),
+            "--dry-run",
+        ]
+    )
     assert code == 2 and "made by a different grid" in err
 
 

@@ -16,6 +16,8 @@ USAGE_EXAMPLES = """examples:
   asymoe test experiments/moiie.yaml ckpt=runs/try/checkpoints/last.ckpt
   asymoe params experiments/asymoe.yaml
   asymoe grid ablations/baselines.yaml --quick
+  asymoe grid ablations/baselines.yaml --jobs 4
+  asymoe grid ablations/baselines.yaml --launcher slurm --slurm partition=gpu --slurm time=240
   asymoe report runs/grids/baselines
 """
 
@@ -117,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     grid_cmd.add_argument("--quick", action="store_true", help="use the grid's CPU-minutes preset")
     grid_cmd.add_argument("--force", action="store_true", help="reuse a grid directory made by another grid file")
     grid_cmd.add_argument("--output", default=None, help="grid directory (default runs/grids/<grid name>)")
+    grid_cmd.add_argument("--jobs", type=int, default=1, help="cells at once on this machine (GPU share / CPU threads)")
+    grid_cmd.add_argument(
+        "--launcher",
+        choices=("local", "slurm", "submitit-local"),
+        default="local",
+        help="local: cells as child processes; slurm: one SLURM job per cell (submitit); "
+        "submitit-local: the SLURM code path with local processes",
+    )
+    grid_cmd.add_argument(
+        "--slurm", action="append", metavar="KEY=VALUE", help="a SLURM option over the grid file's launcher: block"
+    )
+    grid_cmd.add_argument("--wait", action="store_true", help="with a submitit launcher: wait until every job ended")
     grid_cmd.set_defaults(func=_grid)
     report_cmd = sub.add_parser("report", help="rebuild a grid's summary from its directory")
     report_cmd.add_argument("grid_dir")

@@ -1,4 +1,4 @@
-"""Small file helpers shared by runs and grids (no heavy imports)."""
+"""Small file helpers and file names shared by runs and grids (no heavy imports)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,19 @@ import json
 import os
 from pathlib import Path
 
+# A run directory is complete exactly when this file exists (written last, atomically).
+METRICS_FILE = "metrics.json"
+
 
 def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None when it is missing or unreadable (e.g. half-written)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
