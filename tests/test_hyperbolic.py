@@ -370,6 +370,65 @@ def test_no_loss_weight_builds_no_projection():
     assert group.aux_losses(torch.randn(2, 10, HIDDEN), meta, outputs, every_token_processed(meta)) == {}
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_text_point_pools_only_the_tokens_the_text_group_processed(geometry):
+    torch.manual_seed(9)
+    group = make_group(geometry, evidence=True)
+    meta = make_meta(batch=3)  # vision 0-3, language 4-9; the last sample is padded at 8-9
+    hidden = torch.randn(3, 10, HIDDEN)
+    expert_output = torch.randn(3, 10, HIDDEN)  # E(x_i) of the evidence experts
+    weight = torch.zeros(3, 10)  # routing weight each token sent to the evidence group
+    weight[0, [4, 6, 7]] = torch.tensor([1.0, 0.5, 0.25])
+    weight[1, 5] = 0.6
+    weight[2, 9] = 1.0  # padding: not a token; sample 2's real language tokens all went elsewhere
+    routed = expert_output * weight.unsqueeze(-1)  # the group's routed output, 0 where not routed
+    outputs = {"shared": torch.randn(3, 10, HIDDEN), "language": routed}
+    routed_weight = {"shared": meta.valid.float(), "language": weight}
+    vision_point, text_point, eligible = group.pooled_points(hidden, meta, outputs, routed_weight)
+
+    assert eligible.tolist() == [True, True, False]
+    scale = HIDDEN**-0.5 * (2.0 if geometry == "poincare" else 1.0)
+    curvature = group.curvature()
+
+    def point(mean: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
+        return lorentz.exp_map0(scale * mean @ projection.weight.T, curvature)
+
+    processed_mean = torch.stack([expert_output[0, [4, 6, 7]].mean(0), expert_output[1, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(text_point, point(processed_mean, group.text_projection))
+        torch.testing.assert_close(vision_point, point(hidden[:2, :4].mean(1), group.vision_projection))
+        # The zero-padded mean over every real language token lands elsewhere.
+        zero_padded = torch.stack([routed[0, 4:10].mean(0), routed[1, 4:10].mean(0)])
+        assert (text_point - point(zero_padded, group.text_projection)).norm(dim=-1).min() > 0.1
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_bf16_autocast_output_equals_the_float32_output(geometry):
+    torch.manual_seed(10)
+    group = make_group(geometry, align=1.0, order=1.0)
+    with torch.no_grad():
+        for parameter in (group.gate_up_bias, group.down_bias):
+            parameter.normal_(std=0.3)
+    tokens = 2.0 * torch.randn(12, HIDDEN)
+    index = (torch.arange(12) % 2).unsqueeze(-1)  # experts 0 and 1 take turns
+    routing = (index, torch.full((12, 1), 0.7), torch.ones(12, 1, dtype=torch.bool))
+    meta = make_meta()
+    hidden, outputs = torch.randn(2, 10, HIDDEN), {"shared": torch.randn(2, 10, HIDDEN)}
+
+    def run():
+        out = group.dispatch(tokens, *routing, {})
+        return out, group.aux_losses(hidden, meta, outputs, every_token_processed(meta))
+
+    with torch.no_grad():
+        reference, reference_losses = run()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed, mixed_losses = run()
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, reference, atol=1e-6, rtol=0)
+    for name, value in reference_losses.items():
+        torch.testing.assert_close(mixed_losses[name], value, atol=1e-6, rtol=0, msg=name)
+
+
 # ----------------------------------------------------------------------------- training
 
 

@@ -9,7 +9,7 @@ import torch
 from asymoe.config import load
 from asymoe.models.experts import FFNExperts
 from asymoe.models.moe import MoEBlock, MoEState, TokenMeta
-from asymoe.models.routing import switch_balance_loss, tail_tokens, top_k_routing
+from asymoe.models.routing import routing_probability_variance, switch_balance_loss, tail_tokens, top_k_routing
 
 
 def make_block(overrides: list[str], hidden: int = 8, width: int = 16):
@@ -198,3 +198,59 @@ def test_mean_experts_per_token_known_case():
     # All tokens: (4 + 2 * 5) / 6.
     assert math.isclose(scalars["experts_per_token"].item(), 14 / 6, rel_tol=1e-6)
     assert math.isclose(scalars["tail_fraction/all"].item(), 0.25)
+
+
+def test_padding_never_reaches_the_language_router_in_modality_mode():
+    block, state = make_block([])  # modality mode, vision 1 + shared 2 + language 1
+    torch.manual_seed(0)
+    for router in block.routers.values():
+        torch.nn.init.normal_(router.weight, std=5.0)
+    hidden = torch.randn(1, 8, 8)
+    vision = torch.zeros(1, 8, dtype=torch.bool)
+    vision[0, :2] = True
+    attention = torch.tensor([[True] * 5 + [False] * 3])
+    keys = ("balance_raw/language", "balance_P/language", "entropy/language")
+
+    def run(hidden, vision, attention):
+        state.set(meta_for(vision, attention))
+        out = block(hidden)
+        record = state.records[0]
+        return out, {key: record.scalars[key] for key in keys}, record.expert_share["language"]
+
+    out, stats, share = run(hidden, vision, attention)
+    assert torch.count_nonzero(out[0, 5:]) == 0, "padding positions receive no expert output"
+    changed = hidden.clone()
+    changed[0, 5:] = 10.0 * torch.randn(3, 8)  # padding content must not matter
+    unpadded = (hidden[:, :5], vision[:, :5], attention[:, :5])  # nor the padding's presence
+    for other_out, other_stats, other_share in (run(changed, vision, attention), run(*unpadded)):
+        torch.testing.assert_close(other_out[0, :5], out[0, :5])
+        torch.testing.assert_close(other_share, share)
+        for key in keys:
+            torch.testing.assert_close(other_stats[key], stats[key], msg=key)
+
+
+def test_ltdr_tail_threshold_is_per_sample_inside_the_block():
+    block, state = make_block(["model.moe.routing.vision_tail.enabled=true"])  # vision router: 3 experts, top-2
+    block.eval()
+    with torch.no_grad():
+        block.routers["vision"].weight.copy_(torch.eye(3, 8))  # vision logits = the first 3 features
+    torch.manual_seed(2)
+    hidden = torch.randn(2, 10, 8)
+    vision = torch.zeros(2, 10, dtype=torch.bool)
+    vision[:, :6] = True
+    hidden[0, :6, :3] *= 4.0  # sample 0: peaked routing (large RPVs); sample 1: flat (small RPVs)
+    hidden[1, :6, :3] *= 0.3
+    # Precondition: one threshold over the batch would pick other tail tokens than per sample.
+    rpv = routing_probability_variance(torch.softmax(hidden[:, :6, :3].reshape(12, 3), -1))
+    sample = torch.arange(2).repeat_interleave(6)
+    candidate = torch.ones(12, dtype=torch.bool)
+    per_sample = tail_tokens(rpv, sample, candidate)
+    assert not torch.equal(per_sample, tail_tokens(rpv, torch.zeros_like(sample), candidate))
+    assert per_sample[6:].any(), "the flat sample has tail tokens of its own"
+
+    state.set(meta_for(vision))
+    together = block(hidden)
+    for index in range(2):
+        state.set(meta_for(vision[index : index + 1]))
+        alone = block(hidden[index : index + 1])
+        torch.testing.assert_close(together[index], alone[0], atol=1e-6, rtol=1e-6)

@@ -7,16 +7,12 @@ still contributes an exact-zero gradient, so every rank of a sharded run sees th
 Weight layout follows transformers' MoE modules (Mixtral/Qwen3-MoE): gate_up_proj (E, 2f, d) and
 down_proj (E, d, f), applied with F.linear, so weights copy across without transposes.
 
-Dispatch is split in three steps so that an expert backend only replaces the middle one:
-`sort_by_expert` lists the (token, slot) assignments of the group ordered by expert,
-`forward_sorted` runs the experts on the contiguous per-expert slices (eager: one call per
-expert; a grouped GEMM consumes the same slices and `counts`), and `dispatch` scatters the
-weighted outputs back to their tokens.
+`ExpertGroup.dispatch` is the eager reference path: one gather, expert call and scatter-add per
+expert. An expert backend may replace it as long as each token receives the same weighted sum.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,25 +28,6 @@ def gated_ffn(tokens: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch
     """down · (act(gate · x) ⊙ (up · x)) with gate_up_proj (2f, in) and down_proj (d, f)."""
     gate, up = F.linear(tokens, gate_up_proj).chunk(2, dim=-1)  # (n, f) each
     return F.linear(act_fn(gate) * up, down_proj)  # (n, d)
-
-
-@dataclass
-class SortedAssignment:
-    """A group's used routing slots, ordered by expert (stable: token order within an expert)."""
-
-    token_ids: torch.Tensor  # (n,) token of each assignment
-    slot_ids: torch.Tensor  # (n,) its routing slot
-    counts: torch.Tensor  # (experts,) assignments per expert; expert e owns one contiguous run
-
-
-def sort_by_expert(expert_index: torch.Tensor, slot_mask: torch.Tensor, num_experts: int) -> SortedAssignment:
-    """expert_index (T, slots) local to the group, slot_mask (T, slots): the slots sent to the group."""
-    token_ids, slot_ids = torch.where(slot_mask)  # row-major: token order
-    experts = expert_index[token_ids, slot_ids]
-    order = torch.argsort(experts, stable=True)
-    counts = torch.bincount(experts, minlength=num_experts)
-    assert counts.numel() == num_experts, "routing sent a slot to an expert outside the group"
-    return SortedAssignment(token_ids[order], slot_ids[order], counts)
 
 
 class ExpertGroup(nn.Module):
@@ -108,19 +85,6 @@ class ExpertGroup(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return (total - self.always_active_parameter_count()) // max(self.num_experts, 1)
 
-    def forward_sorted(
-        self, routed: torch.Tensor, counts: torch.Tensor, extras: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """Eager backend: expert e runs on its slice of routed (n, d); every expert runs, also on none."""
-        sizes = counts.tolist()
-        token_slices = routed.split(sizes)
-        extra_slices = {key: value.split(sizes) for key, value in extras.items()}
-        outputs = [
-            self.expert_forward(expert, token_slices[expert], {key: s[expert] for key, s in extra_slices.items()})
-            for expert in range(self.num_experts)
-        ]
-        return torch.cat(outputs)  # (n, d)
-
     def dispatch(
         self,
         tokens: torch.Tensor,
@@ -129,17 +93,19 @@ class ExpertGroup(nn.Module):
         slot_mask: torch.Tensor,
         extras: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        """Dropless dispatch: out[t] = sum over used slots s of w[t,s] * expert_{idx[t,s]}(x[t]).
+        """Eager dropless dispatch: out[t] = sum over used slots s of w[t,s] * expert_{idx[t,s]}(x[t]).
 
         tokens (T, d); expert_index (T, slots) local to this group; expert_weight (T, slots);
-        slot_mask (T, slots) marks the slots routed to this group.
+        slot_mask (T, slots) marks the slots routed to this group. Every expert runs, also on no token.
         """
-        assignment = sort_by_expert(expert_index, slot_mask, self.num_experts)
-        routed = tokens[assignment.token_ids]  # (n, d), grouped by expert
-        routed_extras = {key: value[assignment.token_ids] for key, value in extras.items()}
-        expert_out = self.forward_sorted(routed, assignment.counts, routed_extras)  # (n, d)
-        weight = expert_weight[assignment.token_ids, assignment.slot_ids].unsqueeze(-1)  # (n, 1)
-        return torch.zeros_like(tokens).index_add_(0, assignment.token_ids, (expert_out * weight).to(tokens.dtype))
+        out = torch.zeros_like(tokens)
+        for expert in range(self.num_experts):
+            token_ids, slot_ids = torch.where((expert_index == expert) & slot_mask)
+            selected = {key: value[token_ids] for key, value in extras.items()}
+            expert_out = self.expert_forward(expert, tokens[token_ids], selected)  # (n, d)
+            weight = expert_weight[token_ids, slot_ids].unsqueeze(-1)
+            out.index_add_(0, token_ids, (expert_out * weight).to(out.dtype))
+        return out
 
 
 class FFNExperts(ExpertGroup):

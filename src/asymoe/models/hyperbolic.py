@@ -156,7 +156,7 @@ class HyperbolicExperts(ExpertGroup):
             self.vision_projection = None
             self.text_projection = None
 
-        self._routed_norms: torch.Tensor | None = None  # last forward's routed token norms, for `scalars`
+        self._routed_norms: tuple[torch.Tensor, torch.Tensor] | None = None  # for `scalars`
         self._geometry_raw: dict[str, torch.Tensor] = {}
 
     # -- curvature -----------------------------------------------------------------------------
@@ -213,13 +213,19 @@ class HyperbolicExperts(ExpertGroup):
         # numel() // shape[0], not weight[0]: indexing a sharded (FSDP2 DTensor) weight is a collective.
         return sum(weight.numel() // weight.shape[0] for weight in self._expert_weights())
 
-    def forward_sorted(
-        self, routed: torch.Tensor, counts: torch.Tensor, extras: dict[str, torch.Tensor]
+    def dispatch(
+        self,
+        tokens: torch.Tensor,
+        expert_index: torch.Tensor,
+        expert_weight: torch.Tensor,
+        slot_mask: torch.Tensor,
+        extras: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        # The origin distance depends on a token's norm only: keep (n, 1) norms, not the tokens.
-        # Overwritten by every forward, so a checkpoint recomputation reproduces the statistics.
-        self._routed_norms = routed.detach().float().norm(dim=-1, keepdim=True)
-        return super().forward_sorted(routed, counts, extras)
+        # The origin distance depends on a token's norm only: keep (T, 1) norms and the number of
+        # the group's experts each token reached, not the tokens. Overwritten by every forward, so
+        # a checkpoint recomputation reproduces the statistics.
+        self._routed_norms = (tokens.detach().float().norm(dim=-1, keepdim=True), slot_mask.sum(-1))
+        return super().dispatch(tokens, expert_index, expert_weight, slot_mask, extras)
 
     def _to_manifold(self, hidden: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
         """Hyperboloid space part of a token's point: exp_o(h), or the image of the ball's exp_0(h)."""
@@ -342,11 +348,11 @@ class HyperbolicExperts(ExpertGroup):
         (curvature −c) hyperboloid.
         """
         out = {"curvature": self.curvature().detach().squeeze(0)}
-        norms = self._routed_norms
-        if norms is not None and norms.shape[0] > 0:
+        if self._routed_norms is not None and self._routed_norms[1].sum() > 0:
+            norms, reached = self._routed_norms  # (T, 1), (T,)
             with torch.no_grad(), torch.autocast(device_type=norms.device.type, enabled=False):
                 kappa = self.manifold_curvature()
-                distance = lorentz.origin_dist(self._to_manifold(norms, kappa), kappa)
-                out["origin_distance"] = distance.mean() * self.token_scale
+                distance = lorentz.origin_dist(self._to_manifold(norms, kappa), kappa)  # (T,)
+                out["origin_distance"] = (distance * reached).sum() / reached.sum() * self.token_scale
         out.update(self._geometry_raw)
         return out
