@@ -15,7 +15,9 @@ tokens separately. Here instead:
      `torch.bmm` per weight tensor multiplies every expert's block (zero rows are wasted work);
    - `segment`: rows stay sorted; the matrix multiplies run per contiguous expert segment (a
      Python loop over experts, but a single gather and scatter, unlike eager).
-4. `combine`: out[t] = Σ_rows w_row · y_row with one `index_add_`.
+4. `combine`: out[t] = Σ_rows w_row · y_row. Tokens reach their rows (`to_rows`) and rows their
+   tokens (`combine`) by gathers through the (token, slot) positions, forward and backward: no
+   index_add_, which is several times slower than a gather on CPU and non-deterministic on CUDA.
 
 Host synchronisation. `sync_free=True` keeps every size on the device: a group's run is read
 through a fixed-size window of all assignments (rows past the group's count are padding that
@@ -24,20 +26,24 @@ through a fixed-size window of all assignments (rows past the group's count are 
 are read to the host once per block (`exact` sizes: no padding rows), which costs nothing on CPU;
 `padded` and `segment` need those sizes and so synchronise once per block on any device.
 
-`resolve_kernel` turns `auto` (and `grouped`) into a kernel from `FASTEST`, a table filled from
-benchmarks/results/moe_block.md (forward + backward of one block, measured per device and dtype).
+`resolve_kernel` turns the `model.moe.experts_backend` setting into a kernel: `grouped` is
+grouped_mm, `auto` the kernel in `FASTEST`, a table filled from benchmarks/results/moe_block.md
+(forward + backward of one block, measured per device and dtype).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
-Kernel = Literal["grouped_mm", "padded", "segment"]
-KERNELS: tuple[str, ...] = ("grouped_mm", "padded", "segment")
+from asymoe.config.schema import ExpertKernel
+
+KERNELS: tuple[str, ...] = get_args(ExpertKernel)
+# Device types whose grouped_mm path keeps every size on the device (`sync_free`).
+SYNC_FREE_DEVICES: frozenset[str] = frozenset({"cuda"})
 
 # Fastest kernel per (device type, dtype) in benchmarks/results/moe_block.md. CUDA is not measured
 # here; grouped_mm is the kernel torch and transformers build for it (bf16/fp16 on SM >= 80).
@@ -69,8 +75,15 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -
 
 
 def resolve_kernel(backend: str, device: torch.device, dtype: torch.dtype, *dims: int) -> str:
-    """The kernel that `backend` (auto | grouped | a kernel name) means on this device and dtype."""
-    kernel = FASTEST.get((device.type, dtype), FALLBACK) if backend in ("auto", "grouped") else backend
+    """The kernel that `backend` (auto | grouped | a kernel name) means for this device, dtype and widths.
+
+    auto: the fastest measured (`FASTEST`); grouped: torch's grouped_mm. A grouped_mm that the
+    build lacks for the device, dtype or widths becomes `FALLBACK`.
+    """
+    if backend == "auto":
+        kernel = FASTEST.get((device.type, dtype), FALLBACK)
+    else:
+        kernel = "grouped_mm" if backend == "grouped" else backend
     assert kernel in KERNELS, f"unknown expert kernel {kernel!r}"
     if kernel == "grouped_mm" and not grouped_mm_supported(device, dtype, *dims):
         return FALLBACK
@@ -84,7 +97,8 @@ def resolve_kernel(backend: str, device: torch.device, dtype: torch.dtype, *dims
 class Assignments:
     """A block's routing assignments ordered by global expert (A = tokens × slots entries)."""
 
-    token_index: torch.Tensor  # (A,) long: the token of each assignment
+    slots: int
+    position: torch.Tensor  # (A,) long: the (token, slot) position token·slots + slot of each assignment
     expert_index: torch.Tensor  # (A,) long: its global expert; unused slots are `num_experts` (last)
     weight: torch.Tensor  # (A,) routing weight, differentiable
     ends: torch.Tensor  # (E,) long: assignments to experts 0..e
@@ -104,14 +118,14 @@ def sort_assignments(
     within an expert, the token order, so each token's contributions are later summed in expert
     order as in the eager loop.
     """
-    slots = expert_index.shape[1]
     flat_expert = torch.where(slot_mask, expert_index, num_experts).reshape(-1)  # (A,)
     order = torch.argsort(flat_expert, stable=True)
     counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat_expert.device)
     counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert))
     ends = counts[:num_experts].cumsum(0)  # (E,)
     return Assignments(
-        token_index=order // slots,
+        slots=expert_index.shape[1],
+        position=order,
         expert_index=flat_expert[order],
         weight=expert_weight.reshape(-1)[order],
         ends=ends,
@@ -121,57 +135,126 @@ def sort_assignments(
 
 @dataclass
 class ExpertRows:
-    """The rows one expert group computes: its run of the sorted assignments (N rows)."""
+    """The rows one expert group computes: its run of the sorted assignments (N rows).
+
+    `position` and `row_of_position` map rows and (token, slot) positions onto each other, so
+    that moving values between tokens and rows is a gather in both directions (`to_rows`,
+    `combine`); a scatter-add (index_add_) is several times slower than a gather on CPU and
+    non-deterministic on CUDA.
+    """
 
     num_experts: int
+    slots: int
     token_index: torch.Tensor  # (N,) long
     local_expert: torch.Tensor  # (N,) long, in [0, num_experts)
     weight: torch.Tensor  # (N,) routing weight; 0 on padding rows
     ends: torch.Tensor  # (num_experts,) long, local cumulative counts
     counts: list[int] | None  # per-expert counts on the host (exact sizes only)
     valid: torch.Tensor | None  # (N, 1) bool on the sync-free path: rows that are real assignments
+    position: torch.Tensor  # (N,) long: each row's (token, slot) position; tokens·slots for padding rows
+    row_of_position: torch.Tensor  # (tokens·slots,) long: the row at each position, N where none
+
+
+def _rows(assignments: Assignments, window, num_experts: int, first_expert: int, valid, counts, ends) -> ExpertRows:
+    position = assignments.position[window]
+    weight = assignments.weight[window]
+    if valid is not None:
+        position = torch.where(valid.squeeze(-1), position, assignments.position.shape[0])
+        weight = torch.where(valid.squeeze(-1), weight, 0.0)
+    num_rows, num_positions = position.shape[0], assignments.position.shape[0]
+    row_of_position = position.new_full((num_positions + 1,), num_rows)
+    row_of_position[position] = torch.arange(num_rows, device=position.device)  # padding rows hit the extra slot
+    return ExpertRows(
+        num_experts=num_experts,
+        slots=assignments.slots,
+        token_index=position.clamp(max=max(num_positions - 1, 0)) // assignments.slots,
+        local_expert=(assignments.expert_index[window] - first_expert).clamp(0, num_experts - 1),
+        weight=weight,
+        ends=ends,
+        counts=counts,
+        valid=valid,
+        position=position,
+        row_of_position=row_of_position[:num_positions],
+    )
 
 
 def group_rows(assignments: Assignments, first_expert: int, num_experts: int) -> ExpertRows:
     """Rows of the group whose global experts are first_expert .. first_expert + num_experts − 1."""
     last = first_expert + num_experts - 1
     ends = assignments.ends
+    local_ends = ends[first_expert : last + 1]
     if assignments.host_ends is not None:
         host = assignments.host_ends
         start = host[first_expert - 1] if first_expert > 0 else 0
-        window = slice(start, host[last])
         counts = [host[e] - (host[e - 1] if e > 0 else 0) for e in range(first_expert, last + 1)]
-        return ExpertRows(
-            num_experts,
-            assignments.token_index[window],
-            assignments.expert_index[window] - first_expert,
-            assignments.weight[window],
-            ends[first_expert : last + 1] - start,
-            counts,
-            None,
-        )
+        window = slice(start, host[last])
+        return _rows(assignments, window, num_experts, first_expert, None, counts, local_ends - start)
     # Sync-free: a window of all A rows starting at the group's first row (a device scalar).
-    total = assignments.token_index.shape[0]
+    total = assignments.position.shape[0]
     start = ends[first_expert - 1] if first_expert > 0 else ends.new_zeros(())
-    position = torch.arange(total, device=ends.device)
-    rows = (start + position).clamp(max=max(total - 1, 0))
-    valid = (position < ends[last] - start).unsqueeze(-1)  # (A, 1)
-    return ExpertRows(
-        num_experts,
-        assignments.token_index[rows],
-        (assignments.expert_index[rows] - first_expert).clamp(0, num_experts - 1),
-        torch.where(valid.squeeze(-1), assignments.weight[rows], 0.0),
-        ends[first_expert : last + 1] - start,
-        None,
-        valid,
-    )
+    index = torch.arange(total, device=ends.device)
+    window = (start + index).clamp(max=max(total - 1, 0))
+    valid = (index < ends[last] - start).unsqueeze(-1)  # (A, 1)
+    return _rows(assignments, window, num_experts, first_expert, valid, None, local_ends - start)
 
 
-def combine(rows: ExpertRows, outputs: torch.Tensor, num_tokens: int, dtype: torch.dtype) -> torch.Tensor:
-    """out[t] = Σ over rows r of token t of weight_r · outputs_r; outputs (N, d) -> (tokens, d)."""
+def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[values; 0][index]: index len(values) reads a row of zeros."""
+    padded = torch.cat([values, values.new_zeros(1, *values.shape[1:])])
+    return padded.index_select(0, index)
+
+
+class _InjectiveGather(torch.autograd.Function):
+    """out = [values; 0][index] where no row of values is read twice; the gradient is the inverse gather.
+
+    inverse[r] is where row r of values went (len(out) for a row that went nowhere), so the
+    backward is a gather too, not the scatter-add of index_select's own backward.
+    """
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.inverse = inverse
+        return _gather(values, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _gather(grad, ctx.inverse), None, None
+
+
+def _positions_to_tokens(values: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
+    """Σ over a token's rows: (N, d) -> (tokens, d), through the (token, slot) positions."""
+    at_positions = _InjectiveGather.apply(values, rows.row_of_position, rows.position)  # (tokens·slots, d)
+    return at_positions.view(-1, rows.slots, values.shape[-1]).sum(1)
+
+
+class _ToRows(torch.autograd.Function):
+    """tokens (T, d) -> rows (N, d); the gradient is summed back over a token's rows by gathers."""
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
+        ctx.rows = rows
+        return tokens.index_select(0, rows.token_index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _positions_to_tokens(grad, ctx.rows), None
+
+
+def to_rows(tokens: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
+    """Each row's token: tokens (T, ...) -> (N, ...)."""
+    if tokens.dim() == 1:
+        return tokens.index_select(0, rows.token_index)
+    flat = tokens.reshape(tokens.shape[0], -1)
+    return _ToRows.apply(flat, rows).view(-1, *tokens.shape[1:])
+
+
+def combine(rows: ExpertRows, outputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """out[t] = Σ over rows r of token t of weight_r · outputs_r; outputs (N, d) -> (tokens, d).
+
+    Tokens without rows get exact zeros; a token's rows are summed in its slot order.
+    """
     weighted = (outputs * rows.weight.unsqueeze(-1)).to(dtype)
-    out = torch.zeros(num_tokens, outputs.shape[-1], dtype=dtype, device=outputs.device)
-    return out.index_add_(0, rows.token_index, weighted)
+    return _positions_to_tokens(weighted, rows)
 
 
 def row_values(rows: ExpertRows, per_token_expert: torch.Tensor) -> torch.Tensor:
@@ -257,16 +340,18 @@ class PaddedLayout(ExpertLayout):
         self.capacity = max(rows.counts, default=0)
         starts = rows.ends - torch.as_tensor(rows.counts, device=rows.ends.device)  # (E,)
         position = torch.arange(rows.token_index.shape[0], device=rows.ends.device)
-        # Row r of expert e goes to slot e·capacity + (r − start_e).
+        # Row r of expert e goes to slot e·capacity + (r − start_e); empty slots read row N (zeros).
         self.slot = rows.local_expert * self.capacity + position - starts[rows.local_expert]
+        self.slot_row = self.slot.new_full((rows.num_experts * self.capacity,), position.shape[0])
+        self.slot_row[self.slot] = position
 
     def pack(self, values: torch.Tensor) -> torch.Tensor:
-        blocks = values.new_zeros(self.rows.num_experts * self.capacity, *values.shape[1:])
-        blocks = blocks.index_copy(0, self.slot, values)
+        blocks = _InjectiveGather.apply(values, self.slot_row, self.slot)
         return blocks.view(self.rows.num_experts, self.capacity, *values.shape[1:])  # (E, C, ·)
 
     def unpack(self, values: torch.Tensor) -> torch.Tensor:
-        return values.reshape(-1, *values.shape[2:]).index_select(0, self.slot)  # (N, ·)
+        flat = values.reshape(-1, *values.shape[2:])
+        return _InjectiveGather.apply(flat, self.slot, self.slot_row)  # (N, ·)
 
     def per_expert(self, values: torch.Tensor) -> torch.Tensor:
         return values.unsqueeze(1)  # (E, 1, ...)
