@@ -76,8 +76,8 @@ class SyntheticConfig:
     video_dim: int = 16
     audio_dim: int = 24
     # Sequence lengths are drawn uniformly from [max_len // 3, max_len].
-    video_max_len: int = 48
-    audio_max_len: int = 96
+    video_max_len: int = 32
+    audio_max_len: int = 64
 
 
 @dataclass

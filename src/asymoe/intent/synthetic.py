@@ -41,6 +41,7 @@ AMPLITUDE = 3.0
 def _feature_sequences(rng: np.random.Generator, patterns: np.ndarray, codes: list[int], max_len: int, burst: int):
     """One (T, D) float32 array per code: noise plus `AMPLITUDE * patterns[code]` on `burst` frames."""
     sequences = []
+    burst = min(burst, max_len)
     for code in codes:
         length = int(rng.integers(max(max_len // 3, burst), max_len + 1))
         frames = rng.standard_normal((length, patterns.shape[1])).astype(np.float32)
