@@ -184,22 +184,14 @@ def out_of_range(rng: random.Random, n: int) -> list[Case]:
     # Switches that need a partner: the partner is missing.
     tail_on = "model.moe.routing.vision_tail.enabled=true"
     cases += [
-        Case(
-            "needs partner",
-            ["model.moe.routing.vision_tail.enabled=true", "model.moe.routing.top_k=3"],
-            expect="vision_tail",
-        ),
+        Case("needs partner", [tail_on, "model.moe.routing.top_k=3"], expect="vision_tail"),
         Case("needs partner", ["model.moe.geometry_loss.align_weight=0.1"], expect="hyperbolic shared group"),
         Case("needs partner", ["trainer.activation_checkpointing=true"], expect="activation_checkpointing"),
         Case("needs partner", ["trainer.devices=2"], expect="output_dir"),
         Case("needs partner", ["trainer.resume=last"], expect="output_dir"),
         Case("needs partner", ["trainer.strategy=fsdp", "trainer.accelerator=cpu"], expect="needs a GPU"),
         Case("needs partner", ["data.source=llava_json"], expect="data.train_path is required"),
-        Case(
-            "needs partner",
-            ["model.moe.enabled=false", "model.moe.routing.vision_tail.enabled=true"],
-            expect="vision_tail",
-        ),
+        Case("needs partner", ["model.moe.enabled=false", tail_on], expect="vision_tail"),
     ]
     return cases
 
