@@ -96,7 +96,8 @@ def take_previous_weights(model, previous_state: dict, previous_cfg: Config) -> 
     if not new_blocks or not model.config.moe.upcycle:
         return
     dense = build_language_model(previous_cfg.model.language, model.lm.get_input_embeddings().num_embeddings)
-    dense.load_state_dict({k[len("lm.") :]: v for k, v in previous_state.items() if k.startswith("lm.")})
+    # strict=False: layers that were MoE already in the previous stage have no dense FFN there (and need none).
+    dense.load_state_dict({k[len("lm.") :]: v for k, v in previous_state.items() if k.startswith("lm.")}, strict=False)
     layers = decoder_layers(dense)
     for block in new_blocks:
         _, ffn = feed_forward(layers[block.layer_index], dense.config)
