@@ -60,14 +60,16 @@ def test_cli_single_question_and_jsonl(tmp_path, capsys):
     )
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("routing") and lines[2].strip().startswith("layer 1  vision: vision0")
-    (tmp_path / "q.jsonl").write_text(
-        json.dumps({"id": "a", "image": "blue.png", "question": "what shape is it ?"})
-        + "\n"
-        + json.dumps({"question": "yes ?"})
-        + "\n"
-    )
-    assert main(["predict", str(tmp_path / "run"), "--jsonl", str(tmp_path / "q.jsonl"), "--max-new-tokens", "3"]) == 0
-    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["id"] for r in results] == ["a", 2] and all(isinstance(r["answer"], str) for r in results)
+    # A POPE question file (LLaVA format) answered in batch, then scored by `asymoe evaluate`.
+    questions = [{"question_id": 7, "image": "blue.png", "text": "is there a red square ?", "label": "no"},
+                 {"question_id": 8, "text": "is there a circle ?", "label": "yes"}]  # fmt: skip
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    argv = ["predict", str(tmp_path / "run"), "--jsonl", str(tmp_path / "q.jsonl"), "--max-new-tokens", "3"]
+    assert main(argv) == 0
+    answers = capsys.readouterr().out
+    assert [json.loads(line)["question_id"] for line in answers.splitlines()] == [7, 8]
+    (tmp_path / "a.jsonl").write_text(answers)
+    assert main(["evaluate", "pope", str(tmp_path / "q.jsonl"), str(tmp_path / "a.jsonl")]) == 0
+    assert "| pope |" in capsys.readouterr().out
     assert main(["predict", str(tmp_path / "run")]) == 2
     assert "needs --question TEXT" in capsys.readouterr().err

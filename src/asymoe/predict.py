@@ -168,23 +168,34 @@ def format_routing(routing: dict) -> list[str]:
     return lines
 
 
-def predict_jsonl(run: LoadedRun, path: Path, max_new_tokens: int):
-    """Yield one result dict per line of `path` ({"question": ..., "image": ... relative to the file, "id": ...})."""
+def _first(item: dict, keys: tuple[str, ...]):
+    return next((item[key] for key in keys if key in item), None)
+
+
+def predict_jsonl(run: LoadedRun, path: Path, max_new_tokens: int, image_root: Path | None = None):
+    """Yield one result dict per line of `path`.
+
+    A line holds the question (`question`, or `text` as in LLaVA/POPE question files), optionally
+    `image` (relative to `image_root`, default the file's folder) and an id (`question_id`,
+    `questionId` or `id`; default the line number). Results carry `question_id` and `answer`,
+    which `asymoe evaluate` reads as predictions.
+    """
+    root = image_root if image_root is not None else path.parent
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
-            question = item["question"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(
-                f"{path}:{number}: expected a JSON object with a 'question' (and optional 'image', 'id')"
-            ) from None
+            question = _first(item, ("question", "text")) if isinstance(item, dict) else None
+        except json.JSONDecodeError:
+            question = None
+        if not isinstance(question, str):
+            raise DataError(f"{path}:{number}: expected a JSON object with a 'question' (or 'text'), optional 'image'")
         image = item.get("image")
-        image_path = None if image is None else (path.parent / image)
-        prediction = predict(run, question, image_path, max_new_tokens)
+        prediction = predict(run, question, None if image is None else root / image, max_new_tokens)
+        qid = _first(item, ("question_id", "questionId", "id"))
         yield {
-            "id": item.get("id", number),
+            "question_id": number if qid is None else qid,
             "question": question,
             "answer": prediction.answer,
             "routing": prediction.routing,
