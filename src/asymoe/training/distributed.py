@@ -25,10 +25,15 @@ to float32 inside their fp32 islands.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from asymoe.config import Config, ConfigError
+from asymoe.config.validation import check_fsdp_accelerator
+from asymoe.training import checkpoints
 
 # `trainer.precision` values that run the forward in a lower-precision dtype (FSDP1 and FSDP2 policies).
 MIXED_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
@@ -86,12 +91,14 @@ def sharding_units(model: nn.Module) -> list[nn.Module]:
 
 
 def check_devices(cfg: Config) -> None:
-    """Machine-dependent checks the schema cannot do: the GPUs a config asks for exist."""
+    """Machine-dependent checks the schema cannot do: the accelerator `auto` resolves to, the GPUs asked for."""
     t = cfg.trainer
     cuda = torch.cuda.is_available()
     if t.accelerator == "gpu" and not cuda:
         raise ConfigError("trainer.accelerator='gpu' but no CUDA device is visible; use accelerator=cpu or auto")
-    if t.accelerator == "cpu" or not cuda:
+    on_cpu = t.accelerator == "cpu" or not cuda
+    check_fsdp_accelerator(t.strategy, "cpu" if on_cpu else "gpu")
+    if on_cpu:
         return
     visible = torch.cuda.device_count()
     if isinstance(t.devices, int) and t.devices > visible:
@@ -130,15 +137,11 @@ def build_strategy(cfg: Config, model: nn.Module):
     if t.strategy == "auto":
         return "auto"
     if t.strategy == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
-
         # Every parameter is in every step's graph (module docstring), so no unused-parameter search.
         return DDPStrategy(find_unused_parameters=False)
     if t.strategy == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-
         classes = block_classes(model)
-        return FSDPStrategy(
+        return AtomicFSDPStrategy(
             auto_wrap_policy=classes,
             activation_checkpointing_policy=classes if t.activation_checkpointing else None,
             mixed_precision=fsdp_mixed_precision(t.precision),
@@ -146,14 +149,53 @@ def build_strategy(cfg: Config, model: nn.Module):
             use_orig_params=True,
         )
     assert t.strategy == "fsdp2", t.strategy
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
     # Pure data parallelism: one FSDP2 mesh over every process; tensor parallelism stays 1.
-    return ModelParallelStrategy(
+    return AtomicModelParallelStrategy(
         data_parallel_size=world_size(cfg),
         tensor_parallel_size=1,
         save_distributed_checkpoint=t.state_dict_type == "sharded",
     )
+
+
+class AtomicShardedSave:
+    """Strategy mixin: a sharded checkpoint folder is written aside, recorded, then swapped into place.
+
+    Every rank writes its shards into `<path>.partial`; after a barrier rank 0 records the folder's
+    files (`checkpoints.write_folder_manifest`) and swaps it in, so `<path>` is always a whole
+    checkpoint. Loads are verified first and use `weights_only=True`.
+    """
+
+    def _writes_folders(self) -> bool:
+        return (
+            getattr(self, "_save_distributed_checkpoint", False) or getattr(self, "_state_dict_type", "") == "sharded"
+        )
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        if not self._writes_folders():
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        staging = path.with_name(path.name + checkpoints.STAGING_SUFFIX)
+        if self.global_rank == 0 and staging.exists():
+            checkpoints.remove_checkpoint(staging)
+        self.barrier("asymoe_checkpoint_staging")
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier("asymoe_checkpoint_written")
+        if self.global_rank == 0:
+            checkpoints.write_folder_manifest(staging)
+            checkpoints.swap_folder_into_place(staging, path)
+        self.barrier("asymoe_checkpoint_swapped")
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict:
+        checkpoints.verify_checkpoint(Path(checkpoint_path))
+        return super().load_checkpoint(checkpoint_path, weights_only=True)
+
+
+class AtomicFSDPStrategy(AtomicShardedSave, FSDPStrategy):
+    """Lightning's FSDPStrategy (FSDP1) with atomic, recorded sharded checkpoints."""
+
+
+class AtomicModelParallelStrategy(AtomicShardedSave, ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy (FSDP2) with atomic, recorded sharded checkpoints."""
 
 
 def apply_fsdp2(model: nn.Module, mesh, precision: str, activation_checkpointing: bool) -> None:

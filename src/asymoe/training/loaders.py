@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 
 from torch.utils.data import DataLoader, Sampler
@@ -23,6 +24,7 @@ class RankBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.world_size = world_size
         self.skip = 0
+        self.issued: deque[list[int]] = deque()  # batches handed to the loader, not yet yielded by it
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.batch_sampler, "set_epoch"):
@@ -32,7 +34,9 @@ class RankBatchSampler(Sampler[list[int]]):
         batches = list(self.batch_sampler)
         usable = len(batches) // self.world_size * self.world_size
         skip, self.skip = self.skip, 0
-        yield from batches[self.rank : usable : self.world_size][skip:]
+        for batch in batches[self.rank : usable : self.world_size][skip:]:
+            self.issued.append(batch)
+            yield batch
 
     def __len__(self) -> int:
         return len(self.batch_sampler) // self.world_size  # type: ignore[arg-type]
@@ -45,7 +49,8 @@ class TrainLoader(DataLoader):
     (`fit` does so explicitly: Lightning 2.6 skips the load when `estimated_stepping_batches` built
     the loader before the restore), so a mid-epoch resume continues with the next unseen batch
     instead of replaying the epoch from its start. Lightning fetches from a sized loader only when
-    a step needs the batch (no prefetch), so batches pulled = batches consumed.
+    a step needs the batch (no prefetch), so batches pulled = batches consumed. `current_indices`
+    are the sample indices of the batch last yielded (the one being trained on).
     """
 
     def __init__(self, loader: DataLoader, rank: int, world_size: int):
@@ -56,11 +61,15 @@ class TrainLoader(DataLoader):
             num_workers=loader.num_workers,
         )
         self._pulled = 0
+        self.current_indices: list[int] = []
 
     def __iter__(self):
         self._pulled = self.batch_sampler.skip
+        self.batch_sampler.issued.clear()
         for batch in super().__iter__():
             self._pulled += 1
+            # Workers may fetch ahead, but batches come back in the order the sampler issued them.
+            self.current_indices = self.batch_sampler.issued.popleft()
             yield batch
 
     def state_dict(self) -> dict:

@@ -1,8 +1,10 @@
 """Run orchestration: fit (train + test), test from a checkpoint, parameter table.
 
 A run directory holds config.yaml (resolved, re-loadable with `asymoe fit run_dir/config.yaml`),
-tokenizer.json, checkpoints/, tb/ (TensorBoard) and, once everything finished, metrics.json
-(written atomically: a run is complete exactly when metrics.json exists).
+tokenizer.json, checkpoints/ (written atomically with size + SHA-256 records: `checkpoints`),
+tb/ (TensorBoard) and, once everything finished, metrics.json (written atomically: a run is
+complete exactly when metrics.json exists). `rundir` keeps a directory from being reused silently
+and picks the checkpoint a resume continues from.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from asymoe.data.datamodule import VQADataModule
 from asymoe.data.tokenizer import WordTokenizer
 from asymoe.files import METRICS_FILE, write_json_atomic
 from asymoe.training.callbacks import RoutingLogger
-from asymoe.training.checkpoints import checkpoint_metadata, is_sharded_checkpoint, load_full_checkpoint
+from asymoe.training.checkpoints import AtomicCheckpointIO, load_full_checkpoint, verify_checkpoint
 from asymoe.training.distributed import build_strategy, check_devices
+from asymoe.training.guards import NonFiniteGuard
 from asymoe.training.loaders import saved_loader_state, shard_loader
 from asymoe.training.module import MODEL_CONFIG_KEY, VLMModule
+from asymoe.training.rundir import CHECKPOINT_DIR, CONFIG_FILE, claim_run_directory, resume_checkpoint
 
 
 def run_directory(cfg: Config) -> Path:
@@ -66,6 +70,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list, logger=True, mode
         default_root_dir=str(run_dir),
         logger=logger,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
     )
 
 
@@ -75,96 +80,91 @@ def _scalar_metrics(metrics: dict) -> dict[str, float]:
     }
 
 
-def fit(cfg: Config, callbacks: list | None = None) -> dict:
+def fit(cfg: Config, callbacks: list | None = None, overwrite: bool = False) -> dict:
     """Train, validate, test the best checkpoint; return (and write) the final metrics.
 
     `callbacks`: extra Lightning callbacks (instrumentation, tests) next to checkpointing and routing logs.
+    `overwrite`: clear a run directory that already holds a run (otherwise refused unless resuming).
     """
     started = time.time()
+    check_devices(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_dir = run_directory(cfg)
+    claim_run_directory(cfg, run_dir, overwrite)
     # Data and model are built before the run directory exists: a bad config leaves nothing behind.
-    datamodule = VQADataModule(cfg)
-    tokenizer = datamodule.prepare(run_dir)
-    module = VLMModule(cfg, tokenizer)
-    datamodule.encode(module.model.num_image_tokens)
-    resume, resume_metadata = resume_checkpoint(cfg, run_dir)
+    if cfg.task == "intent":
+        from asymoe.intent.module import build_intent
+
+        datamodule, module = build_intent(cfg)
+        tokenizer = module.tokenizer
+    else:
+        datamodule = VQADataModule(cfg)
+        tokenizer = datamodule.prepare(run_dir)
+        module = VLMModule(cfg, tokenizer)
+        datamodule.encode(module.model.num_image_tokens)
+    resume, resume_metadata = resume_checkpoint(cfg, run_dir, MODEL_CONFIG_KEY)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / METRICS_FILE).unlink(missing_ok=True)
     cfg.output_dir = str(run_dir)
-    config_lib.save(cfg, run_dir / "config.yaml")
+    config_lib.save(cfg, run_dir / CONFIG_FILE)
     tokenizer.save(run_dir)
 
     checkpoint = ModelCheckpoint(
-        dirpath=str(run_dir / "checkpoints"),
+        dirpath=str(run_dir / CHECKPOINT_DIR),
         filename="best-{epoch}-{step}",
         monitor="val/accuracy",
         mode="max",
         save_last=True,
         save_top_k=1,
+        # The directory is this run's alone (claim_run_directory): replace files, never add `-v1` copies.
+        enable_version_counter=False,
     )
     trainer = build_trainer(
         cfg,
         run_dir,
-        [checkpoint, RoutingLogger(heatmaps=cfg.logging.routing_images), *(callbacks or [])],
+        [checkpoint, *([RoutingLogger(heatmaps=cfg.logging.routing_images)] if cfg.task == "vqa" else [])]
+        + list(callbacks or []),
         logger=cfg.logging.tensorboard,
         model=module.model,
     )
     train_loader = shard_loader(datamodule.train_dataloader(), trainer.global_rank, trainer.world_size)
     if resume_metadata is not None and (loader_state := saved_loader_state(resume_metadata)) is not None:
         train_loader.load_state_dict(loader_state)
+    origins = [sample.origin for sample in datamodule.samples["train"]]
+    guard = NonFiniteGuard(cfg.trainer.nonfinite, lambda: train_loader.current_indices, origins)
+    trainer.callbacks.append(guard)
     trainer.fit(
         module,
         train_dataloaders=train_loader,
         val_dataloaders=datamodule.val_dataloader(),
         ckpt_path=str(resume) if resume else None,
+        weights_only=True,
     )
     train_seconds = time.time() - started
     fit_metrics = _scalar_metrics(trainer.callback_metrics)
     ckpt_path = checkpoint.best_model_path or None
-    test_results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    test_results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=True)
     metrics = {
         **fit_metrics,
-        **(_scalar_metrics(test_results[0]) if test_results else {}),
+        **{k: v for results in test_results for k, v in _scalar_metrics(results).items()},
         **{f"params/{k}": v for k, v in module.model.parameter_table().items()},
         "time/train_s": train_seconds,
         "time/total_s": time.time() - started,
         "data/skipped": sum(datamodule.skipped.values()),
+        "train/nonfinite_skipped": guard.skipped,
     }
     if trainer.global_rank == 0:
-        writer_logger = trainer.logger
-        if isinstance(writer_logger, TensorBoardLogger):
-            hparam_metrics = {k: v for k, v in metrics.items() if k.startswith(("test/", "val/", "params/"))}
-            writer_logger.log_hyperparams(switched_hparams(cfg), hparam_metrics)
-            writer_logger.finalize("success")
-        write_json_atomic(run_dir / METRICS_FILE, {"run_dir": str(run_dir), "best_checkpoint": ckpt_path, **metrics})
+        _write_results(trainer, cfg, run_dir, ckpt_path, metrics)
     return metrics
 
 
-def resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[Path | None, dict | None]:
-    """The checkpoint `trainer.resume` names and its metadata, checked to hold a model of this config."""
-    resume = cfg.trainer.resume
-    if resume is None:
-        return None, None
-    path = run_dir / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
-    if not path.exists():
-        raise ConfigError(f"trainer.resume={resume}: checkpoint not found: {path}")
-    metadata = checkpoint_metadata(path)
-    saved = metadata.get(MODEL_CONFIG_KEY)
-    current = config_lib.to_dict(cfg)["model"]
-    if saved is not None and saved != current:
-        differing = sorted(_differing_keys(saved, current, "model"))
-        raise ConfigError(
-            f"trainer.resume={resume}: {path} holds a different model (config differs at {', '.join(differing[:3])})"
-        )
-    return path, metadata
-
-
-def _differing_keys(a, b, prefix: str) -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = set(a) | set(b)
-        return [k for key in keys for k in _differing_keys(a.get(key), b.get(key), f"{prefix}.{key}")]
-    return [] if a == b else [prefix]
+def _write_results(trainer: L.Trainer, cfg: Config, run_dir: Path, ckpt_path: str | None, metrics: dict) -> None:
+    writer_logger = trainer.logger
+    if isinstance(writer_logger, TensorBoardLogger):
+        hparam_metrics = {k: v for k, v in metrics.items() if k.startswith(("test", "val/", "params/"))}
+        writer_logger.log_hyperparams(switched_hparams(cfg), hparam_metrics)
+        writer_logger.finalize("success")
+    write_json_atomic(run_dir / METRICS_FILE, {"run_dir": str(run_dir), "best_checkpoint": ckpt_path, **metrics})
 
 
 def checkpoint_tokenizer(checkpoint: dict) -> WordTokenizer | None:
@@ -178,31 +178,42 @@ def checkpoint_tokenizer(checkpoint: dict) -> WordTokenizer | None:
 def test(cfg: Config, ckpt: str) -> dict:
     """Evaluate a checkpoint on the test split of `cfg`'s data."""
     path = Path(ckpt)
-    if not (path.is_file() or is_sharded_checkpoint(path)):
+    if not path.exists():
         raise ConfigError(f"ckpt: checkpoint not found: {path} (a .ckpt file or a sharded checkpoint folder)")
+    verify_checkpoint(path)
     state = load_full_checkpoint(path)
-    datamodule = VQADataModule(cfg)
-    datamodule.prepare()
-    tokenizer = checkpoint_tokenizer(state) or datamodule.tokenizer
-    datamodule.tokenizer = tokenizer
-    module = VLMModule(cfg, tokenizer)
+    if cfg.task == "intent":
+        from asymoe.intent.module import build_intent
+
+        datamodule, module = build_intent(cfg)
+    else:
+        datamodule = VQADataModule(cfg)
+        datamodule.prepare()
+        tokenizer = checkpoint_tokenizer(state) or datamodule.tokenizer
+        datamodule.tokenizer = tokenizer
+        module = VLMModule(cfg, tokenizer)
     try:
         module.load_state_dict(state["state_dict"])
     except RuntimeError as error:
         raise ConfigError(
             f"ckpt: {path} does not match the model of this config ({str(error).splitlines()[0]})"
         ) from None
-    datamodule.encode(module.model.num_image_tokens)
+    if cfg.task == "vqa":
+        datamodule.encode(module.model.num_image_tokens)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     trainer = build_trainer(cfg, run_dir / "test", [], logger=False, model=module.model)
     results = trainer.test(module, datamodule=datamodule, verbose=False)
-    return _scalar_metrics(results[0])
+    return {k: v for split_results in results for k, v in _scalar_metrics(split_results).items()}
 
 
 def params(cfg: Config) -> dict[str, int]:
     """The parameter table of `cfg`'s model, built without data (vocabulary of easy-VQA size)."""
     from asymoe.models.vlm import VisionLanguageModel
 
+    if cfg.task == "intent":  # the intent model's vocabulary and feature widths come from its data
+        from asymoe.intent.module import build_intent
+
+        return build_intent(cfg)[1].model.parameter_table()
     datamodule = VQADataModule(cfg)
     tokenizer = datamodule.prepare()
     model = VisionLanguageModel(cfg.model, tokenizer.vocab_size, tokenizer.image_id)
