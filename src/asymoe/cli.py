@@ -48,7 +48,7 @@ def _fit(args) -> int:
     # `resume=last|PATH` is short for trainer.resume (issue text and README use the short form).
     overrides = [f"trainer.{item}" if item.startswith("resume=") else item for item in args.overrides]
     cfg = config_lib.load(args.config, overrides)
-    metrics = fit(cfg)
+    metrics = fit(cfg, overwrite=args.overwrite)
     _print_metrics(metrics)
     print(f"train time: {metrics['time/train_s']:.0f} s, total: {metrics['time/total_s']:.0f} s")
     print(f"run directory: {cfg.output_dir}")
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("config", help="experiment YAML, or a name in experiments/")
         command.add_argument("overrides", nargs="*", help="key.sub=value overrides")
         command.set_defaults(func=func)
+        if name == "fit":
+            command.add_argument("--overwrite", action="store_true", help="clear output_dir if it holds a run")
     grid_cmd = sub.add_parser("grid", help="run an ablation grid (resumable)")
     grid_cmd.add_argument("grid_file")
     grid_cmd.add_argument("overrides", nargs="*", help="key.sub=value overrides applied to every cell")

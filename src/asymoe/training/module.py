@@ -1,4 +1,4 @@
-"""LightningModule: LM loss + auxiliary MoE losses, greedy exact-match evaluation, optimiser."""
+"""LightningModule: LM loss + auxiliary MoE losses, greedy exact-match evaluation per split, optimiser."""
 
 from __future__ import annotations
 
@@ -6,16 +6,14 @@ import math
 
 import lightning as L
 import torch
-from torch import nn
-from torchmetrics import MeanMetric
 
 from asymoe import config as config_lib
 from asymoe.config import Config
 from asymoe.data.tokenizer import Tokenizer
 from asymoe.models.vlm import VisionLanguageModel, group_parameters
 from asymoe.training.distributed import apply_fsdp2
+from asymoe.training.metrics import EvalTally
 
-QUESTION_TYPES = ("all", "yes/no", "shape", "color")
 MODEL_CONFIG_KEY = "asymoe_model_config"
 NO_DECAY_MARKERS = ("bias", "norm", "curvature", "scale", "alpha", "logit_bias")
 
@@ -25,24 +23,14 @@ def is_decayed(name: str, param: torch.Tensor) -> bool:
     return param.ndim >= 2 and not any(marker in name.lower() for marker in NO_DECAY_MARKERS)
 
 
-def normalise_answer(text: str) -> str:
-    return " ".join(text.lower().strip().rstrip(".").split())
-
-
-def metric_key(question_type: str) -> str:
-    return question_type.replace("/", "_")
-
-
 class VLMModule(L.LightningModule):
     def __init__(self, config: Config, tokenizer: Tokenizer):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
         self.model = VisionLanguageModel(config.model, tokenizer.vocab_size, tokenizer.image_id)
-        self.accuracy = nn.ModuleDict(
-            {f"{stage}_{metric_key(t)}": MeanMetric() for stage in ("val", "test") for t in QUESTION_TYPES}
-        )
-        self.eval_loss = nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
+        # Evaluation counts per split (val, test or the test_* splits), reset after each is logged.
+        self.tally = EvalTally()
         # Validation routing totals for the heat-maps: (layer, router) -> summed expert shares.
         self.routing_totals: dict[tuple[int, str], torch.Tensor] = {}
         self.routing_batches = 0
@@ -70,8 +58,8 @@ class VLMModule(L.LightningModule):
             self.log(f"train/aux/{name}", value, batch_size=size)
         return loss
 
-    def _evaluate(self, batch: dict, stage: str) -> None:
-        """LM loss and greedy exact-match accuracy, one question per sequence.
+    def _evaluate(self, batch: dict) -> None:
+        """LM loss and greedy exact-match accuracy, one question per sequence, under the batch's split.
 
         Greedy decoding reproduces the reference answer exactly when, at every answer position,
         the teacher-forced argmax is the reference token; that check reads the logits of the loss
@@ -80,13 +68,23 @@ class VLMModule(L.LightningModule):
         the cost.
         """
         out = self._forward(batch)
-        self.eval_loss[stage].update(out.lm_loss.detach(), weight=batch["input_ids"].shape[0])
-        if stage == "val":
+        split = batch["split"]
+        self.tally.add_loss(split, float(out.lm_loss), batch["input_ids"].shape[0])
+        if split == "val":
             self._accumulate_routing()
-        correct = self.model.teacher_forced_exact_match(
-            out.logits, batch["labels"], batch["prompt_lengths"], self.config.data.max_answer_tokens
-        ).float()
-        undecided = torch.where(correct == 0)[0]
+        predictions = self._predictions(batch, out.logits)
+        for row, prediction in enumerate(predictions):
+            self.tally.update(
+                split, prediction, batch["answers"][row], batch["question_types"][row], batch["answer_groups"][row]
+            )
+
+    def _predictions(self, batch: dict, logits: torch.Tensor) -> list[str]:
+        """Each question's greedy answer: the reference where the shortcut proves it, decoded otherwise."""
+        exact = self.model.teacher_forced_exact_match(
+            logits, batch["labels"], batch["prompt_lengths"], self.config.data.max_answer_tokens
+        )
+        predictions = list(batch["answers"])
+        undecided = torch.where(~exact)[0]
         if undecided.numel():
             prompt_ids = batch["input_ids"][undecided, : int(batch["prompt_lengths"][undecided].max())]
             generated = self.model.generate(
@@ -100,12 +98,8 @@ class VLMModule(L.LightningModule):
                 pad_token_id=self.tokenizer.pad_id,
             )
             for row, tokens in zip(undecided.tolist(), generated.tolist()):
-                answer = normalise_answer(batch["answers"][row])
-                correct[row] = float(normalise_answer(self.tokenizer.decode(tokens)) == answer)
-        for row, qtype in enumerate(batch["question_types"]):
-            self.accuracy[f"{stage}_all"].update(correct[row])
-            if qtype != "all":
-                self.accuracy[f"{stage}_{metric_key(qtype)}"].update(correct[row])
+                predictions[row] = self.tokenizer.decode(tokens)
+        return predictions
 
     def _accumulate_routing(self) -> None:
         for layer, record in self.model.moe_state.records.items():
@@ -115,29 +109,30 @@ class VLMModule(L.LightningModule):
         self.routing_batches += 1
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._evaluate(batch)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch)
 
-    def _log_eval(self, stage: str) -> None:
-        self.log(f"{stage}/lm_loss", self.eval_loss[stage].compute(), sync_dist=True)
-        self.eval_loss[stage].reset()
-        for qtype in QUESTION_TYPES:
-            metric = self.accuracy[f"{stage}_{metric_key(qtype)}"]
-            if metric.update_count:
-                name = f"{stage}/accuracy" if qtype == "all" else f"{stage}/accuracy_{metric_key(qtype)}"
-                self.log(name, metric.compute(), prog_bar=qtype == "all", sync_dist=True)
-            metric.reset()
+    def _log_eval(self) -> None:
+        """Every split evaluated since the last call (each rank evaluated the same data in full)."""
+        for split in sorted(self.tally.splits):
+            for name, value in self.tally.compute(split).items():
+                self.log(name, value, prog_bar=name == f"{split}/accuracy", sync_dist=True)
+        self.tally.reset()
 
     def on_validation_epoch_start(self) -> None:
         self.routing_totals, self.routing_batches = {}, 0
+        self.tally.reset()
 
     def on_validation_epoch_end(self) -> None:
-        self._log_eval("val")
+        self._log_eval()
+
+    def on_test_epoch_start(self) -> None:
+        self.tally.reset()
 
     def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
+        self._log_eval()
 
     def routing_share(self) -> dict[tuple[int, str], torch.Tensor]:
         """Mean expert share per (layer, router) over the last validation."""
