@@ -95,3 +95,26 @@ def test_scratch_tokenizer_as_hf_tokenizer_with_its_chat_template(tmp_path):
     templated = loaded.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
     assert encode_record(record, loaded, 0).input_ids == list(templated)
     assert encode_record(record, loaded, 0).input_ids == encode_record(record, tokenizer, 0).input_ids
+
+
+def test_chatml_template_framing_from_the_tokenizer(tmp_path):
+    hf_tok = WordTokenizer.build(TEXTS).to_hf()
+    hf_tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>"]})
+    # Qwen2-style ChatML: a default system turn, a newline after every end-of-turn token.
+    hf_tok.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are helpful<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    hf_tok.save_pretrained(tmp_path / "chatml")
+    loaded = HFTokenizer(tmp_path / "chatml")
+    raw = loaded.tokenizer
+    assert loaded.user_ids == raw.encode("<|im_start|>user\n", add_special_tokens=False)
+    assert loaded.assistant_ids == raw.encode("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    assert loaded.eos_id == raw.convert_tokens_to_ids("<|im_end|>")
+    # Without a template: the documented plain framing.
+    hf_tok.chat_template = None
+    hf_tok.save_pretrained(tmp_path / "plain")
+    plain = HFTokenizer(tmp_path / "plain")
+    assert plain.user_ids == plain.tokenizer.encode("USER:", add_special_tokens=False)
+    assert plain.eos_id == plain.tokenizer.eos_token_id
