@@ -7,11 +7,14 @@ logits equal to the dense model's; a sparse checkpoint's experts and router map 
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from asymoe.config import ConfigError, load
+from asymoe.config.schema import LMArch
 from asymoe.models.adapters import PlainFFNExperts
 from asymoe.models.experts import FFNExperts
 from asymoe.models.moe import MoEBlock
@@ -183,3 +186,17 @@ def test_non_gated_mlp_refuses_gated_only_groups(tmp_path):
     save(tmp_path / "gpt2", "gpt2", FAMILIES["gpt2"][0])
     with pytest.raises(ConfigError, match="needs a gated MLP; this language model's MLP is non-gated"):
         build(tmp_path / "gpt2", ["model.moe.groups.language.kind=evidence"])
+
+
+@pytest.mark.parametrize("arch", typing.get_args(LMArch))
+def test_scratch_family_builds_and_upcycles_exactly(arch):
+    def scratch(extra: list[str]) -> VisionLanguageModel:
+        cfg = load(None, TINY + [f"model.language.arch={arch}"] + extra)
+        torch.manual_seed(0)
+        return VisionLanguageModel(cfg.model, vocab_size=VOCAB, image_token_id=IMAGE_TOKEN).eval()
+
+    dense, moe = scratch(["model.moe.enabled=false"]), scratch(["model.moe.layers=all"])
+    assert moe.lm.config.model_type == arch and moe.lm.config.head_dim == 16 and len(moe.moe_blocks()) == 2
+    ids = torch.randint(5, VOCAB, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(text_logits(moe, ids), text_logits(dense, ids), atol=1e-5, rtol=1e-5)

@@ -200,6 +200,12 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None =
         lm: PreTrainedModel = to_mixtral(run)
     else:
         lm = run.model.lm
+    tokenizer = run.tokenizer
+    lm.config.pad_token_id, lm.config.bos_token_id, lm.config.eos_token_id = (
+        tokenizer.pad_id,
+        tokenizer.bos_id,
+        tokenizer.eos_id,
+    )
     lm.save_pretrained(out, safe_serialization=True)
     hf_tokenizer(run.tokenizer).save_pretrained(out)
     difference = verify_export(run, out)

@@ -48,6 +48,13 @@ def build_language_model(config: LanguageConfig, vocab_size: int) -> PreTrainedM
         max_position_embeddings=config.max_position_embeddings,
         initializer_range=config.initializer_range,
         tie_word_embeddings=False,
+        # Families differ in their default head width (Qwen3 128, Gemma 256): use hidden / heads for all.
+        head_dim=config.hidden_size // config.num_heads,
+        # The family defaults (e.g. Phi-3's 32000) may lie outside a small vocabulary; the data pipeline
+        # supplies its own ids, and `asymoe export` writes the tokenizer's.
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
     )
     return AutoModelForCausalLM.from_config(hf_config)
 
