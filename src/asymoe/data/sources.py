@@ -71,9 +71,14 @@ def load_llava_json(path: str, image_root: str | None, on_error: str) -> Split:
     """LLaVA conversation JSON: [{"image": rel_path?, "conversations": [{"from": "human"|"gpt", "value": ...}]}]."""
     file = Path(path)
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{file}: cannot read LLaVA JSON (not UTF-8: byte {error.start})") from None
+    except RecursionError:
+        raise DataError(f"{file}: cannot read LLaVA JSON (nested too deeply)") from None
     except (OSError, json.JSONDecodeError) as error:
-        raise DataError(f"{file}: cannot read LLaVA JSON ({str(error).splitlines()[0]})") from None
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        raise DataError(f"{file}: cannot read LLaVA JSON ({reason})") from None
     if not isinstance(data, list):
         raise DataError(f"{file}: expected a JSON list of records")
     root = Path(image_root) if image_root else file.parent
@@ -89,10 +94,14 @@ def load_llava_json(path: str, image_root: str | None, on_error: str) -> Split:
                 role = roles.get(turn.get("from")) if isinstance(turn, dict) else None
                 if role is None:
                     raise DataError(f"{origin}: turn {turn!r} needs 'from' in human|gpt and a 'value'")
-                turns.append((role, str(turn.get("value", ""))))
+                if not isinstance(turn.get("value", ""), str):
+                    raise DataError(f"{origin}: turn {len(turns)}: 'value' must be a string, got {turn['value']!r}")
+                turns.append((role, turn.get("value", "")))
             check_turns(turns, origin)
             key = None
             if item.get("image"):
+                if not isinstance(item["image"], str):
+                    raise DataError(f"{origin}: 'image' must be a file name (a string), got {item['image']!r}")
                 image_path = root / item["image"]
                 if not image_path.is_file():
                     raise DataError(f"{origin}: image not found: {image_path}")
