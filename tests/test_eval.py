@@ -14,8 +14,16 @@ def reference_from_greedy(model, data, prompt_len: int):
     rows = data["input_ids"].shape[0]
     prompt = data["input_ids"][:, :prompt_len]
     lengths = torch.full((rows,), prompt_len)
-    generated = model.generate(prompt, lengths, data["evidence_mask"][:, :prompt_len], data["image_index"],
-                               data["pixel_values"], MAX_NEW, EOS, PAD)
+    generated = model.generate(
+        prompt,
+        lengths,
+        data["evidence_mask"][:, :prompt_len],
+        data["image_index"],
+        data["pixel_values"],
+        MAX_NEW,
+        EOS,
+        PAD,
+    )
     sequences, labels = [], []
     for row in range(rows):
         answer = generated[row].tolist()
@@ -39,7 +47,9 @@ def test_shortcut_equals_greedy_decoding():
     evidence = torch.zeros_like(attention)
     evidence[:, :prompt_len] = data["evidence_mask"][:, :prompt_len]
     with torch.no_grad():
-        logits = model(ids, attention, evidence, attention & ~evidence, data["image_index"], pixel_values=data["pixel_values"]).logits
+        logits = model(
+            ids, attention, evidence, attention & ~evidence, data["image_index"], pixel_values=data["pixel_values"]
+        ).logits
     # The model's own greedy answers are reproduced exactly.
     assert model.teacher_forced_exact_match(logits, labels, lengths, MAX_NEW).all()
     # Any changed answer token is not.
@@ -50,3 +60,23 @@ def test_shortcut_equals_greedy_decoding():
     assert not model.teacher_forced_exact_match(logits, wrong, lengths, MAX_NEW).any()
     # An answer longer than the decoding budget cannot match.
     assert not model.teacher_forced_exact_match(logits, labels, lengths, 0).any()
+
+
+def test_shortcut_checks_every_answer_position_including_eos():
+    """Hand-built logits whose argmax is the reference everywhere; one wrong position (EOS too) breaks the match."""
+    model = tiny_model([])
+    answers = [[7, 8, EOS], [9, EOS]]  # after a 4-token prompt; both fit the 3-token budget
+    labels = torch.full((2, 8), -100)
+    logits = torch.zeros(2, 8, 40)
+    for row, answer in enumerate(answers):
+        for offset, token in enumerate(answer):
+            labels[row, 4 + offset] = token
+            logits[row, 3 + offset, token] = 5.0  # position p predicts token p + 1
+    lengths = torch.tensor([4, 4])
+    assert model.teacher_forced_exact_match(logits, labels, lengths, MAX_NEW).all()
+    for row, answer in enumerate(answers):
+        for offset in range(len(answer)):
+            wrong = logits.clone()
+            wrong[row, 3 + offset, 11] = 9.0  # greedy now picks token 11 there
+            match = model.teacher_forced_exact_match(wrong, labels, lengths, MAX_NEW)
+            assert match.tolist() == [row != 0, row != 1], (row, offset)

@@ -33,12 +33,12 @@ def _split_ckpt(overrides: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _print_metrics(metrics: dict) -> None:
-    if "test/accuracy" in metrics:
-        print(f"test accuracy: {100 * metrics['test/accuracy']:.1f}%")
-        for qtype in ("yes_no", "shape", "color"):
-            key = f"test/accuracy_{qtype}"
-            if key in metrics:
-                print(f"  {qtype.replace('_', '/')}: {100 * metrics[key]:.1f}%")
+    """Accuracy of every test split, then per question type / answer group as the metrics hold them."""
+    splits = sorted(key.split("/")[0] for key in metrics if key.startswith("test") and key.endswith("/accuracy"))
+    for split in splits:
+        print(f"{split.replace('_', ' ')} accuracy: {100 * metrics[f'{split}/accuracy']:.1f}%")
+        for key in sorted(k for k in metrics if k.startswith(f"{split}/accuracy_")):
+            print(f"  {key.split('/accuracy_', 1)[1]}: {100 * metrics[key]:.1f}%")
 
 
 def _fit(args) -> int:

@@ -26,7 +26,9 @@ Geometry = Literal["euclidean", "lorentz", "poincare"]
 AlphaMode = Literal["learned", "fixed"]
 # evidence: t from the evidence-priority experts' output (paper Eq. 13); shared: from the shared group.
 TextSource = Literal["evidence", "shared"]
-DataSource = Literal["easy_vqa", "llava_json"]
+DataSource = Literal["easy_vqa", "llava_json", "scenes"]
+# The scenes benchmark's question families (asymoe.data.scenes.questions implements each).
+SceneFamily = Literal["attribute", "existence", "count", "relation", "closest", "compare", "two_hop"]
 OnError = Literal["raise", "skip"]
 # auto | ddp | fsdp (Lightning FSDPStrategy, GPU only) | fsdp2 (ModelParallelStrategy + fully_shard).
 Strategy = Literal["auto", "ddp", "fsdp", "fsdp2"]
@@ -163,6 +165,38 @@ class ModelConfig:
 
 
 @dataclass
+class ScenesConfig:
+    """The generated scenes benchmark (data.source=scenes); generated once per parameter set."""
+
+    seed: int = 0
+    # Root of the generated data sets (one folder per parameter hash); None = ~/.cache/asymoe/scenes
+    # (or $XDG_CACHE_HOME/asymoe/scenes).
+    cache_dir: str | None = None
+    image_size: int = 64
+    min_objects: int = 4
+    max_objects: int = 6
+    families: list[SceneFamily] = field(default_factory=lambda: list(get_args(SceneFamily)))
+    train_questions: int = 40000
+    val_questions: int = 1000
+    # Questions of the iid and of the prior-shift test split (the blind split repeats the iid one).
+    test_questions: int = 2000
+    # POPE: images probed, 3 present + 3 absent objects each, per negative sampling.
+    pope_images: int = 200
+    questions_per_image: int = 10
+    # Long tail: per question text, answer of rank r is kept with probability (r + 1)^-answer_skew.
+    answer_skew: float = 1.2
+    # Object types: popularity (rank + 1)^-object_skew; each scene boosts one of `contexts` subsets
+    # of `context_size` types by `context_boost` (co-occurrence, for POPE's adversarial negatives).
+    object_skew: float = 1.0
+    contexts: int = 3
+    context_size: int = 6
+    context_boost: float = 4.0
+    # Spatial questions are asked only when positions / distances differ by more than this
+    # (a fraction of the image side).
+    margin: float = 0.05
+
+
+@dataclass
 class DataConfig:
     source: DataSource = "easy_vqa"
     # llava_json: train/val/test JSON files and the image folder they refer to.
@@ -183,6 +217,9 @@ class DataConfig:
     num_workers: int = 0
     on_error: OnError = "raise"
     max_answer_tokens: int = 4
+    # Question-only reading: every record loses its image (the language prior of the same LM).
+    drop_images: bool = False
+    scenes: ScenesConfig = field(default_factory=ScenesConfig)
 
 
 @dataclass

@@ -105,6 +105,36 @@ def _validate_data(cfg: Config, where: str) -> None:
     if data.num_workers < 0:
         raise ConfigError(f"{where}: data.num_workers must be >= 0, got {data.num_workers}")
     _positive(data.max_answer_tokens, "data.max_answer_tokens", where)
+    if data.source == "scenes":
+        _validate_scenes(data.scenes, where)
+
+
+def _validate_scenes(scenes, where: str) -> None:
+    for key in (
+        "image_size",
+        "train_questions",
+        "val_questions",
+        "test_questions",
+        "pope_images",
+        "questions_per_image",
+        "contexts",
+        "context_size",
+        "context_boost",
+    ):
+        _positive(getattr(scenes, key), f"data.scenes.{key}", where)
+    # POPE probes 3 present objects per image; more than 8 objects do not fit without overlap.
+    if not 3 <= scenes.min_objects <= scenes.max_objects <= 8:
+        raise ConfigError(
+            f"{where}: data.scenes needs 3 <= min_objects <= max_objects <= 8, "
+            f"got {scenes.min_objects}..{scenes.max_objects}"
+        )
+    if not scenes.families:
+        raise ConfigError(f"{where}: data.scenes.families is empty; list at least one question family")
+    if scenes.answer_skew < 0 or scenes.object_skew < 0:
+        raise ConfigError(f"{where}: data.scenes.answer_skew and object_skew must be >= 0")
+    if not 0 <= scenes.margin < 0.5:
+        raise ConfigError(f"{where}: data.scenes.margin must be in [0, 0.5), got {scenes.margin}")
+
 
 
 def _validate_optim(cfg: Config, where: str) -> None:

@@ -1,4 +1,9 @@
-"""LightningDataModule over easy-VQA or LLaVA-format JSON."""
+"""LightningDataModule over easy-VQA, LLaVA-format JSON or the generated scenes benchmark.
+
+Splits: train, val, and one or more test splits (easy-VQA and LLaVA JSON: `test`; scenes:
+`test_iid`, `test_prior_shift`, `test_pope_*`, `test_blind`), each its own test dataloader whose
+batches carry the split's name, which evaluation reports the metrics under.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,15 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from asymoe.config import Config, ConfigError
-from asymoe.data.records import DataError, Encoded, ImageGroupedBatchSampler, encode_record, make_collate
-from asymoe.data.sources import Split, load_easy_vqa, load_llava_json
+from asymoe.data.records import (
+    DataError,
+    Encoded,
+    ImageGroupedBatchSampler,
+    encode_record,
+    make_collate,
+    without_image,
+)
+from asymoe.data.sources import Split, load_easy_vqa, load_llava_json, load_scenes
 from asymoe.data.tokenizer import HFTokenizer, Tokenizer, WordTokenizer
 
 log = logging.getLogger(__name__)
@@ -68,17 +80,23 @@ class VQADataModule(L.LightningDataModule):
         data = self.data
         if data.source == "easy_vqa":
             self.splits = load_easy_vqa(data)
+        elif data.source == "scenes":
+            self.splits = load_scenes(data)
         else:
             self.splits = {"train": load_llava_json(data.train_path, data.image_root, data.on_error)}
             for name, path in (("val", data.val_path), ("test", data.test_path)):
                 if path is not None:
                     self.splits[name] = load_llava_json(path, data.image_root, data.on_error)
         for name, split in self.splits.items():
-            limit = getattr(data, f"limit_{name}")
+            limit = data.limit_test if name.startswith("test") else getattr(data, f"limit_{name}")
             if limit is not None:
                 split.records = split.records[:limit]
+            if data.drop_images:
+                split.records = [without_image(record) for record in split.records]
             if split.skipped:
-                log.warning("data: skipped %d malformed records in the %s split (data.on_error=skip)", split.skipped, name)
+                log.warning(
+                    "data: skipped %d malformed records in the %s split (data.on_error=skip)", split.skipped, name
+                )
             if not split.records:
                 raise DataError(f"data: the {name} split has no records")
         lm_path = self.config.model.language.pretrained_path
@@ -105,6 +123,10 @@ class VQADataModule(L.LightningDataModule):
             self.stores[name] = ImageStore(split.image_paths, self.config.model.vision.image_size)
 
     @property
+    def test_splits(self) -> list[str]:
+        return [name for name in self.splits if name.startswith("test")]
+
+    @property
     def skipped(self) -> dict[str, int]:
         return {name: split.skipped for name, split in self.splits.items()}
 
@@ -124,7 +146,7 @@ class VQADataModule(L.LightningDataModule):
         return DataLoader(
             list(range(len(samples))),
             batch_sampler=sampler,
-            collate_fn=make_collate(samples, self.stores[name], self.tokenizer.pad_id),
+            collate_fn=make_collate(samples, self.stores[name], self.tokenizer.pad_id, split=name),
             num_workers=self.data.num_workers,
         )
 
@@ -134,8 +156,10 @@ class VQADataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", train=False)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+    def test_dataloader(self) -> list[DataLoader]:
+        if not self.test_splits:
+            raise ConfigError("data: no test split (set data.test_path)")
+        return [self._loader(name, train=False) for name in self.test_splits]
 
 
 __all__ = ["VQADataModule", "DataError"]

@@ -13,8 +13,8 @@ Template (one sequence per record):
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils.data import Sampler
@@ -31,7 +31,9 @@ class Record:
     turns: list[tuple[str, str]]  # (role, text), role in {"user", "assistant"}, alternating
     image_key: str | None  # key into the split's image store
     origin: str  # "file:index" for error messages
-    question_type: str = "all"
+    # The question family (a metric of its own) and head | tail (how common the answer is in train).
+    question_type: str | None = None
+    answer_group: str | None = None
 
 
 @dataclass
@@ -43,8 +45,8 @@ class Encoded:
     prompt_length: int
     answer_text: str
     image_key: str | None
-    question_type: str
-    extra: dict = field(default_factory=dict)
+    question_type: str | None
+    answer_group: str | None = None
     origin: str = ""  # the record's "file:index", for reports about a training batch
 
 
@@ -88,8 +90,15 @@ def encode_record(record: Record, tokenizer: Tokenizer, num_image_tokens: int) -
         answer_text=record.turns[-1][1],
         image_key=record.image_key,
         question_type=record.question_type,
+        answer_group=record.answer_group,
         origin=record.origin,
     )
+
+
+def without_image(record: Record) -> Record:
+    """The record as a text-only question: no image, no `<image>` marker (the question-only reading)."""
+    turns = [(role, " ".join(text.replace(IMAGE_TOKEN, " ").split())) for role, text in record.turns]
+    return replace(record, turns=turns, image_key=None)
 
 
 def check_turns(turns: list[tuple[str, str]], origin: str) -> None:
@@ -98,7 +107,9 @@ def check_turns(turns: list[tuple[str, str]], origin: str) -> None:
     for i, (role, text) in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
-            raise DataError(f"{origin}: turn {i} is from '{role}', expected '{expected}' (turns must alternate, user first)")
+            raise DataError(
+                f"{origin}: turn {i} is from '{role}', expected '{expected}' (turns must alternate, user first)"
+            )
         if not text.strip():
             raise DataError(f"{origin}: turn {i} is empty")
     if turns[-1][0] != "assistant":
@@ -112,12 +123,23 @@ class ImageGroupedBatchSampler(Sampler[list[int]]):
     runs of the same size.
     """
 
-    def __init__(self, image_keys: Sequence[str | None], images_per_batch: int, shuffle: bool, seed: int = 0,
-                 max_samples_per_batch: int | None = None):
+    def __init__(
+        self,
+        image_keys: Sequence[str | None],
+        images_per_batch: int,
+        shuffle: bool,
+        seed: int = 0,
+        max_samples_per_batch: int | None = None,
+    ):
         groups: dict[object, list[int]] = {}
         for index, key in enumerate(image_keys):
             groups.setdefault(key if key is not None else ("text", index), []).append(index)
         self.groups = list(groups.values())
+        if max_samples_per_batch is not None:
+            # An image with more questions than fit in a batch (a blind split's one blank image)
+            # is encoded once per chunk of its questions.
+            step = max_samples_per_batch
+            self.groups = [group[i : i + step] for group in self.groups for i in range(0, len(group), step)]
         self.images_per_batch = images_per_batch
         self.max_samples_per_batch = max_samples_per_batch
         self.shuffle = shuffle
@@ -136,7 +158,9 @@ class ImageGroupedBatchSampler(Sampler[list[int]]):
         for g in order:
             group = self.groups[g]
             full = images == self.images_per_batch or (
-                self.max_samples_per_batch is not None and current and len(current) + len(group) > self.max_samples_per_batch
+                self.max_samples_per_batch is not None
+                and current
+                and len(current) + len(group) > self.max_samples_per_batch
             )
             if full:
                 batches.append(current)
@@ -162,8 +186,12 @@ def make_collate(
     samples: Sequence[Encoded],
     load_image: Callable[[str], torch.Tensor],
     pad_id: int,
+    split: str = "train",
 ) -> Callable[[list[int]], dict]:
-    """Collate sample indices into a right-padded batch with one pixel tensor per distinct image."""
+    """Collate sample indices into a right-padded batch with one pixel tensor per distinct image.
+
+    `split` names the batch's split, which evaluation reports its metrics under.
+    """
 
     def collate(indices: list[int]) -> dict:
         batch = [samples[i] for i in indices]
@@ -203,6 +231,8 @@ def make_collate(
             "prompt_lengths": torch.tensor([s.prompt_length for s in batch], dtype=torch.long),
             "answers": [s.answer_text for s in batch],
             "question_types": [s.question_type for s in batch],
+            "answer_groups": [s.answer_group for s in batch],
+            "split": split,
         }
 
     return collate

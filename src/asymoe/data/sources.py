@@ -1,6 +1,9 @@
-"""Data sources: easy-VQA (shipped inside the `easy-vqa` wheel) and LLaVA-format JSON.
+"""Data sources: easy-VQA (shipped inside the `easy-vqa` wheel), LLaVA-format JSON, and the
+generated scenes benchmark (written as LLaVA JSON, read back through the same reader).
 
-Each source yields, per split, a list of Records and an image store (key -> file path).
+Each source yields, per split, a list of Records and an image store (key -> file path). A source
+names its question types (easy-VQA: yes/no, shape, color; scenes: its question families) on the
+records; evaluation reports whichever types the records carry.
 """
 
 from __future__ import annotations
@@ -116,9 +119,29 @@ def load_llava_json(path: str, image_root: str | None, on_error: str) -> Split:
                     turns[0] = ("user", f"{IMAGE_TOKEN}\n{turns[0][1]}")
             elif any(IMAGE_TOKEN in text for _, text in turns):
                 raise DataError(f"{origin}: '{IMAGE_TOKEN}' marker but no 'image' field")
-            records.append(Record(turns=turns, image_key=key, origin=origin))
+            records.append(Record(turns=turns, image_key=key, origin=origin, **_optional_strings(item, origin)))
         except DataError:
             if on_error == "raise":
                 raise
             skipped += 1
     return Split(records, images, skipped)
+
+
+def _optional_strings(item: dict, origin: str) -> dict[str, str]:
+    """asymoe's own record keys, ignored by other LLaVA tooling: question_type, answer_group."""
+    found = {}
+    for key in ("question_type", "answer_group"):
+        value = item.get(key)
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{origin}: '{key}' must be a string, got {value!r}")
+        if value is not None:
+            found[key] = value
+    return found
+
+
+def load_scenes(config: DataConfig) -> dict[str, Split]:
+    """The scenes benchmark (generated into its cache on first use): train, val and every test split."""
+    from asymoe.data.scenes import ensure_dataset, split_files
+
+    directory = ensure_dataset(config.scenes)
+    return {name: load_llava_json(str(path), None, "raise") for name, path in split_files(directory).items()}
