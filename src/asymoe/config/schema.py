@@ -177,11 +177,11 @@ class ScenesConfig:
     max_objects: int = 6
     families: list[SceneFamily] = field(default_factory=lambda: list(get_args(SceneFamily)))
     train_questions: int = 40000
-    val_questions: int = 1000
+    val_questions: int = 500
     # Questions of the iid and of the prior-shift test split (the blind split repeats the iid one).
-    test_questions: int = 2000
+    test_questions: int = 1500
     # POPE: images probed, 3 present + 3 absent objects each, per negative sampling.
-    pope_images: int = 200
+    pope_images: int = 100
     questions_per_image: int = 10
     # Long tail: per question text, answer of rank r is kept with probability (r + 1)^-answer_skew.
     answer_skew: float = 1.2
