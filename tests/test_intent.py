@@ -21,6 +21,7 @@ from asymoe.intent.losses import infonce_loss, triplet_loss
 from asymoe.intent.metrics import classification_metrics, open_set_metrics
 from asymoe.intent.model import IntentModel
 from asymoe.intent.synthetic import write_synthetic
+from asymoe.intent.tokens import IntentTokenizer
 
 # -- readers ----------------------------------------------------------------------------------
 
@@ -232,6 +233,30 @@ def test_anchor_slots_get_the_gain_scaled_summary():
     torch.testing.assert_close(model(batch)[0], model.classifier(plain), rtol=0, atol=0)
 
 
+def test_word_tokenizer_layout():
+    tokenizer = IntentTokenizer.build(["hi there"], None)  # vocabulary: the 7 specials, then hi, there
+    assert tokenizer.encode("hi", 5, slots=2) == [1, 4, 4, 7, 2, 0, 0]  # CLS, 2 slots, hi, SEP, padding
+    assert tokenizer.encode("hi there you", 4) == [1, 7, 8, 2]  # text truncated to max_length - 2
+
+
+def test_pretrained_encoder_and_tokenizer_from_a_local_directory(tmp_path):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(tmp_path)
+    config = BertConfig(vocab_size=7, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    saved = BertModel(config)
+    saved.save_pretrained(tmp_path)
+    intent = _intent(**{"text_encoder.pretrained_path": str(tmp_path)})
+    tokenizer = IntentTokenizer.build([], str(tmp_path))
+    assert tokenizer.slot_id == 7 and tokenizer.encode("hello world", 5, slots=1) == [2, 7, 5, 6, 3, 0]
+    model = IntentModel(intent, tokenizer.vocab_size, tokenizer.pad_id, 4, DIMS)
+    embeddings = model.encoder.get_input_embeddings().weight
+    assert embeddings.shape == (8, 16)  # resized for the slot token
+    assert torch.equal(embeddings[:7], saved.get_input_embeddings().weight)
+    assert torch.equal(model.encoder.pooler.dense.weight, saved.pooler.dense.weight)
+
+
 # -- config, synthetic data, and a tiny fit -----------------------------------------------------
 
 
@@ -241,7 +266,7 @@ def test_config_rules():
     with pytest.raises(ConfigError, match="intent.semantic_sync.distance"):
         config_lib.load("amess", ["intent.semantic_sync.distance=manhattan"])
     with pytest.raises(ConfigError, match="max_position_embeddings"):
-        config_lib.load("amess", ["intent.text_encoder.max_position_embeddings=20"])
+        config_lib.load("amess", ["intent.text_encoder.max_position_embeddings=19"])
 
 
 def test_synthetic_set_is_deterministic_and_in_mintrec_format(tmp_path):
@@ -276,7 +301,8 @@ TINY_INTENT = [
 METRIC_KEYS = ("test/accuracy", "test/acc", "test/wf1", "test/wp", "test/r", "val/acc", "params/total")
 
 
-def test_tiny_fit_writes_metrics_and_tensorboard(tmp_path):
+def test_tiny_fit_writes_metrics_and_tensorboard(tmp_path, capsys):
+    from asymoe import cli
     from asymoe.training.run import fit
 
     synthetic = [f"intent.data.synthetic.cache_dir={tmp_path / 'cache'}", "intent.data.synthetic.train_per_label=2"]
@@ -284,6 +310,11 @@ def test_tiny_fit_writes_metrics_and_tensorboard(tmp_path):
     cfg = config_lib.load("amess", TINY_INTENT + synthetic + [f"output_dir={tmp_path / 'run'}"])
     metrics = fit(cfg)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    capsys.readouterr()
+    assert cli.main(["test", "amess", *TINY_INTENT, *synthetic, f"ckpt={saved['best_checkpoint']}"]) == 0
+    out = capsys.readouterr().out
+    reported = json.loads(out[out.index("{") :])
+    assert reported["test/wf1"] == pytest.approx(metrics["test/wf1"], abs=1e-4)  # the checkpoint reproduces the run
     assert set(METRIC_KEYS) <= set(saved), set(METRIC_KEYS) - set(saved)
     assert saved["test/acc"] == pytest.approx(100 * saved["test/accuracy"]) and 0 <= saved["test/wf1"] <= 100
     assert metrics["params/anchors"] > 0 and math.isfinite(saved["train/loss"])
