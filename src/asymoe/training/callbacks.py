@@ -84,7 +84,15 @@ def routing_heatmap(matrix: np.ndarray, layers: list[int], block, router: str):
     axis.set_xticks(range(matrix.shape[1]), expert_labels(block, router))
     axis.set_yticks(range(len(layers)), [f"layer {i}" for i in layers])
     for (row, col), value in np.ndenumerate(matrix):
-        axis.text(col, row, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.5 * matrix.max() else "black", fontsize=8)
+        axis.text(
+            col,
+            row,
+            f"{value:.2f}",
+            ha="center",
+            va="center",
+            color="white" if value < 0.5 * matrix.max() else "black",
+            fontsize=8,
+        )
     axis.set_title(f"{router} router: share per expert", fontsize=10)
     figure.colorbar(image, ax=axis)
     figure.tight_layout()
