@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+from asymoe.config.schema import GroupConfig, GroupsConfig, MoEConfig, RoutingConfig, VisionTailConfig
 from asymoe.models import dispatch
+from asymoe.models.factory import make_group
+from asymoe.models.moe import MoEBlock, MoEState, TokenMeta
 
 HIDDEN, WIDTH = 16, 8  # fp32 widths that make 16-byte strides (grouped_mm's requirement)
 BACKENDS = ["grouped_mm", "grouped_mm/sync_free", "padded", "segment", "auto"]
@@ -39,20 +43,31 @@ def test_sort_assignments_counts_and_order():
         assert (a.host_ends is None) == sync_free
 
 
+def routing_case(case: str, tokens: int, experts: int):
+    """ragged: an expert without tokens, a third slot for some tokens only (as LTDR's tail tokens),
+    padding without slots. full: every expert gets the same count and every slot is used."""
+    if case == "full":
+        expert_index = torch.stack([torch.arange(tokens) % experts, (torch.arange(tokens) + 1) % experts], -1)
+        return torch.rand(tokens, 2).softmax(-1), expert_index, torch.ones(tokens, 2, dtype=torch.bool)
+    logits = torch.randn(tokens, experts)
+    logits[:, 3] = -1e9  # expert 3 receives no token
+    probs, expert_index = torch.topk(logits.softmax(-1), 3)
+    mask = torch.ones_like(expert_index, dtype=torch.bool)
+    mask[:, 2] = torch.rand(tokens) < 0.3
+    mask[-4:] = False
+    return probs * mask / (probs * mask).sum(-1, keepdim=True).clamp_min(1e-9), expert_index, mask
+
+
+@pytest.mark.parametrize("case", ["ragged", "full"])
 @pytest.mark.parametrize("kernel", BACKENDS[:4])
-def test_layouts_equal_the_loop_with_empty_experts_and_variable_k(kernel):
+def test_layouts_equal_the_loop(kernel, case):
     torch.manual_seed(0)
     tokens, experts = 40, 5
     x = torch.randn(tokens, HIDDEN, requires_grad=True)
     gate_up = torch.randn(experts, 2 * WIDTH, HIDDEN, requires_grad=True)
     down = torch.randn(experts, HIDDEN, WIDTH, requires_grad=True)
-    logits = torch.randn(tokens, experts)
-    logits[:, 3] = -1e9  # expert 3 receives no token
-    probs, expert_index = torch.topk(logits.softmax(-1), 3)
-    mask = torch.ones_like(expert_index, dtype=torch.bool)
-    mask[:, 2] = torch.rand(tokens) < 0.3  # a third slot for some tokens only, as LTDR's tail
-    mask[-4:] = False  # padding: no slot at all
-    weight = (probs * mask / (probs * mask).sum(-1, keepdim=True).clamp_min(1e-9)).requires_grad_()
+    weight, expert_index, mask = routing_case(case, tokens, experts)
+    weight.requires_grad_()
     grad = torch.randn(tokens, HIDDEN)
     leaves = (x, gate_up, down, weight)
 
@@ -76,7 +91,8 @@ def test_layouts_equal_the_loop_with_empty_experts_and_variable_k(kernel):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     for g, e in zip(got_grads, expected_grads):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
-    assert got_grads[1][3].abs().max() == 0  # the expert without tokens: an exact-zero gradient
+    if case == "ragged":
+        assert got_grads[1][3].abs().max() == 0  # the expert without tokens: an exact-zero gradient
 
 
 def test_group_rows_of_a_middle_group_sync_free_equals_exact():
@@ -100,3 +116,125 @@ def test_resolve_kernel():
     assert dispatch.resolve_kernel("grouped_mm", cpu, torch.float32, 16) == "grouped_mm"
     assert dispatch.resolve_kernel("grouped_mm", cpu, torch.float32, 6) == dispatch.FALLBACK  # 24-byte stride
     assert dispatch.resolve_kernel("grouped_mm", cpu, torch.float64, 16) == dispatch.FALLBACK
+
+
+# ----------------------------------------------------------------------------- MoE blocks
+
+
+def moe_config(name: str, backend: str) -> MoEConfig:
+    """vanilla: 6 FFN experts, one router. Modality routers and LTDR with vision FFN experts and
+    asymoe_lorentz: Lorentz shared + evidence language experts; asymoe_poincare: Poincaré shared +
+    FFN language experts; evidence: FFN shared + evidence language experts (all on grouped_mm)."""
+    if name == "vanilla":
+        groups = GroupsConfig(GroupConfig(0), GroupConfig(6), GroupConfig(0))
+        routing = RoutingConfig(mode="shared", top_k=2, balance_coef={"all": 0.01})
+    else:
+        geometry = {"asymoe_lorentz": "lorentz", "asymoe_poincare": "poincare"}.get(name, "euclidean")
+        shared = GroupConfig(2, geometry=geometry)
+        language = GroupConfig(2, kind="ffn" if name == "asymoe_poincare" else "evidence")
+        groups = GroupsConfig(GroupConfig(1), shared, language)
+        routing = RoutingConfig(mode="modality", top_k=2, z_loss_coef=0.01, vision_tail=VisionTailConfig(enabled=True))
+    config = MoEConfig(groups=groups, routing=routing, experts_backend=backend)
+    config.evidence.heads = 2
+    config.geometry_loss.order_weight = 0.1 if name == "asymoe_lorentz" else 0.0
+    return config
+
+
+def build_block(name: str, backend: str) -> MoEBlock:
+    config = moe_config(name, backend)
+    torch.manual_seed(0)
+    groups = {g: make_group(g, config, HIDDEN, WIDTH, "silu") for g in ("vision", "shared", "language")}
+    block = MoEBlock(0, HIDDEN, groups, config, MoEState())
+    if name == "vanilla":
+        with torch.no_grad():
+            block.routers["all"].weight[5] = -1.0  # tokens have a positive mean: expert 5 gets none
+    return block
+
+
+def token_meta(text_only: bool) -> TokenMeta:
+    """3 samples of 10 positions: image tokens at 1-4 (samples 0, 1), padding, an answer at 7."""
+    vision = torch.zeros(3, 10, dtype=torch.bool)
+    if not text_only:
+        vision[:2, 1:5] = True
+    valid = torch.ones_like(vision)
+    valid[1, 8:] = False
+    answer = torch.zeros_like(vision)
+    answer[:, 7] = True
+    return TokenMeta(
+        vision_mask=vision, attention_mask=valid, evidence_mask=valid & ~answer, answer_mask=answer & valid
+    )
+
+
+def run_block(block: MoEBlock, meta: TokenMeta, checkpointed: bool = False):
+    """Output, input gradient, parameter gradients, losses and statistics of one forward + backward."""
+    generator = torch.Generator().manual_seed(3)
+    hidden = (torch.randn(3, 10, HIDDEN, generator=generator) + 0.5).requires_grad_()
+    block._state.set(meta)
+    out = checkpoint(block, hidden, use_reentrant=False) if checkpointed else block(hidden)
+    record = block._state.records[0]
+    loss = (out * torch.randn(out.shape, generator=generator)).sum() + sum(record.losses.values())
+    block.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = {name: p.grad for name, p in block.named_parameters()}
+    scalars = {key: value for key, value in record.scalars.items()}
+    return out.detach(), hidden.grad, grads, {k: v.detach() for k, v in record.losses.items()}, scalars
+
+
+def assert_same_run(got, expected):
+    close = dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0], expected[0], **close)
+    torch.testing.assert_close(got[1], expected[1], **close)
+    assert got[2].keys() == expected[2].keys()
+    for name, grad in expected[2].items():
+        assert grad is not None and got[2][name] is not None, f"{name}: no gradient"
+        torch.testing.assert_close(got[2][name], grad, **close, msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(got[3], expected[3], **close)
+    torch.testing.assert_close(got[4], expected[4], **close)
+
+
+def run_backend(name: str, backend: str, meta: TokenMeta, monkeypatch, checkpointed: bool = False):
+    kernel, _, sync = backend.partition("/")
+    with monkeypatch.context() as patch:
+        if sync:  # the GPU path: no size leaves the device
+            patch.setattr(dispatch, "SYNC_FREE_DEVICES", frozenset({"cpu"}))
+        return run_block(build_block(name, kernel), meta, checkpointed)
+
+
+@pytest.mark.parametrize(
+    "name, text_only",
+    [
+        ("vanilla", False),
+        ("asymoe_lorentz", False),
+        ("asymoe_lorentz", True),
+        ("asymoe_poincare", False),
+        ("evidence", False),
+    ],
+    ids=["vanilla", "asymoe_lorentz", "asymoe_lorentz_text_only", "asymoe_poincare", "evidence"],
+)
+def test_block_backends_equal_eager(name, text_only, monkeypatch):
+    meta = token_meta(text_only)
+    expected = run_block(build_block(name, "eager"), meta)
+    if name == "vanilla":
+        assert expected[2]["groups.shared.gate_up_proj"][5].abs().max() == 0  # expert 5 received no token
+    if name != "vanilla" and not text_only:
+        assert expected[4]["tail_fraction/vision"] > 0  # LTDR tail tokens took more slots than top-k
+    for backend in BACKENDS[:4]:
+        assert_same_run(run_backend(name, backend, meta, monkeypatch), expected)
+
+
+def test_block_backends_under_activation_checkpointing(monkeypatch):
+    meta = token_meta(text_only=False)
+    expected = run_block(build_block("asymoe_lorentz", "eager"), meta)
+    for backend in ("grouped_mm/sync_free", "padded"):
+        assert_same_run(run_backend("asymoe_lorentz", backend, meta, monkeypatch, checkpointed=True), expected)
+
+
+def test_grouped_and_auto_resolve_per_group():
+    block = build_block("asymoe_lorentz", "grouped")
+    # The Lorentz layers multiply d + 1 = 17 columns: no 16-byte stride, so no grouped_mm.
+    expected = {"vision": "grouped_mm", "shared": dispatch.FALLBACK, "language": "grouped_mm"}
+    assert block._kernels(torch.zeros(1, HIDDEN)) == expected
+    block.experts_backend = "auto"
+    assert set(block._kernels(torch.zeros(1, HIDDEN)).values()) == {dispatch.FASTEST[("cpu", torch.float32)]}
+    block.experts_backend = "eager"
+    assert block._kernels(torch.zeros(1, HIDDEN)) is None

@@ -157,6 +157,7 @@ def test_ltdr_top_a_applies_to_the_vision_router_only_and_trains():
         "model.moe.routing.top_k=2",
         "model.moe.routing.vision_tail.enabled=true",
         "model.moe.routing.vision_tail.top_a=3",
+        "model.moe.experts_backend=eager",  # the spy below wraps the eager dispatch
     ]
     model = tiny_model(layout)
     block = model.moe_blocks()[0]

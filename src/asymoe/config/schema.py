@@ -22,6 +22,12 @@ LMArch = Literal["llama", "qwen2", "mistral"]
 ExpertKind = Literal["ffn", "evidence"]
 # AsyMoE hyperbolic inter-modality experts (shared group only) or the Euclidean FFN.
 Geometry = Literal["euclidean", "lorentz", "poincare"]
+# How a group's experts run (asymoe.models.dispatch): eager loops over experts in Python; the
+# kernels sort a block's assignments once and multiply all experts' weights at once; grouped uses
+# torch's grouped_mm where the build has it for the device and dtype (else padded); auto uses the
+# kernel measured fastest for the device and dtype (benchmarks/results/moe_block.md).
+ExpertKernel = Literal["grouped_mm", "padded", "segment"]
+ExpertsBackend = Literal["auto", "eager", "grouped", ExpertKernel]
 # learned: alpha = sigmoid(w_alpha . h + b_alpha); fixed: alpha = alpha_init throughout.
 AlphaMode = Literal["learned", "fixed"]
 # evidence: t from the evidence-priority experts' output (paper Eq. 13); shared: from the shared group.
@@ -154,6 +160,7 @@ class MoEConfig:
     evidence: EvidenceConfig = field(default_factory=EvidenceConfig)
     geometry_loss: GeometryLossConfig = field(default_factory=GeometryLossConfig)
     upcycle: bool = True
+    experts_backend: ExpertsBackend = "auto"
 
 
 @dataclass

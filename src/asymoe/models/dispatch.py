@@ -198,32 +198,38 @@ def group_rows(assignments: Assignments, first_expert: int, num_experts: int) ->
     return _rows(assignments, window, num_experts, first_expert, valid, None, local_ends - start)
 
 
-def _gather(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """[values; 0][index]: index len(values) reads a row of zeros."""
-    padded = torch.cat([values, values.new_zeros(1, *values.shape[1:])])
-    return padded.index_select(0, index)
+def _gather(values: torch.Tensor, index: torch.Tensor, reads_zero_row: bool) -> torch.Tensor:
+    """[values; 0][index]: index len(values) reads a row of zeros (only built when it may be read)."""
+    if reads_zero_row:
+        values = torch.cat([values, values.new_zeros(1, *values.shape[1:])])
+    return values.index_select(0, index)
 
 
 class _InjectiveGather(torch.autograd.Function):
     """out = [values; 0][index] where no row of values is read twice; the gradient is the inverse gather.
 
     inverse[r] is where row r of values went (len(out) for a row that went nowhere), so the
-    backward is a gather too, not the scatter-add of index_select's own backward.
+    backward is a gather too, not the scatter-add of index_select's own backward. The flags say
+    whether index, inverse may point at the zero row.
     """
 
     @staticmethod
-    def forward(ctx, values: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.inverse = inverse
-        return _gather(values, index)
+    def forward(ctx, values, index, inverse, index_reads_zero: bool, inverse_reads_zero: bool) -> torch.Tensor:
+        ctx.inverse, ctx.inverse_reads_zero = inverse, inverse_reads_zero
+        return _gather(values, index, index_reads_zero)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _gather(grad, ctx.inverse), None, None
+        return _gather(grad, ctx.inverse, ctx.inverse_reads_zero), None, None, None, None
 
 
 def _positions_to_tokens(values: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
     """Σ over a token's rows: (N, d) -> (tokens, d), through the (token, slot) positions."""
-    at_positions = _InjectiveGather.apply(values, rows.row_of_position, rows.position)  # (tokens·slots, d)
+    # Exact sizes: every row has a position, and every position a row when the group has all of them.
+    every_position = rows.valid is None and rows.position.shape[0] == rows.row_of_position.shape[0]
+    at_positions = _InjectiveGather.apply(
+        values, rows.row_of_position, rows.position, not every_position, rows.valid is not None
+    )  # (tokens·slots, d)
     return at_positions.view(-1, rows.slots, values.shape[-1]).sum(1)
 
 
@@ -294,27 +300,31 @@ class ExpertLayout:
         """(E, ...) -> (N, ...): each row's expert's entry."""
         return values.index_select(0, self.rows.local_expert)
 
-    def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError(type(self).__name__)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x (layout, in) · weight[e]ᵀ (+ bias[e]) with weight (E, out, in) and bias (E, out)."""
+        """x (layout, in) · weight[e]ᵀ (+ bias[e]) with weight (E, out, in) and bias (E, out).
+
+        Computes in autocast's dtype where autocast is on, as F.linear does.
+        """
         dtype = _compute_dtype(x, weight)
-        out = self.matmul(x.to(dtype), weight.to(dtype))
-        return out if bias is None else out + self.per_expert(bias).to(out.dtype)
+        return self.matmul(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
 class GroupedMMLayout(ExpertLayout):
     """Sorted rows, one `grouped_mm` per weight tensor."""
 
-    def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         valid = self.rows.valid
         if valid is not None:
             # Padding rows: grouped_mm leaves them uninitialised in its output and in the input
             # gradient; zeroing both keeps them out of every other value and gradient.
             x = x.masked_fill(~valid, 0.0)
         out = F.grouped_mm(x, weight.transpose(-2, -1), offs=self.rows.ends.to(torch.int32))
-        return out if valid is None else out.masked_fill(~valid, 0.0)
+        if valid is not None:
+            out = out.masked_fill(~valid, 0.0)
+        return out if bias is None else out + self.per_expert(bias)
 
 
 class SegmentLayout(ExpertLayout):
@@ -324,11 +334,12 @@ class SegmentLayout(ExpertLayout):
         super().__init__(rows)
         assert rows.counts is not None, "the segment kernel needs exact sizes (sync_free=False)"
 
-    def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         # split, not slicing: its backward concatenates instead of zero-filling a full-size
         # gradient per expert.
         segments = x.split(self.rows.counts)
-        return torch.cat([F.linear(segment, weight[e]) for e, segment in enumerate(segments)])
+        biases = [None] * len(segments) if bias is None else bias.unbind(0)
+        return torch.cat([F.linear(segment, weight[e], biases[e]) for e, segment in enumerate(segments)])
 
 
 class PaddedLayout(ExpertLayout):
@@ -346,18 +357,22 @@ class PaddedLayout(ExpertLayout):
         self.slot_row[self.slot] = position
 
     def pack(self, values: torch.Tensor) -> torch.Tensor:
-        blocks = _InjectiveGather.apply(values, self.slot_row, self.slot)
+        full = self.rows.num_experts * self.capacity == self.slot.shape[0]  # no empty slot
+        blocks = _InjectiveGather.apply(values, self.slot_row, self.slot, not full, False)
         return blocks.view(self.rows.num_experts, self.capacity, *values.shape[1:])  # (E, C, ·)
 
     def unpack(self, values: torch.Tensor) -> torch.Tensor:
         flat = values.reshape(-1, *values.shape[2:])
-        return _InjectiveGather.apply(flat, self.slot, self.slot_row)  # (N, ·)
+        full = self.rows.num_experts * self.capacity == self.slot.shape[0]
+        return _InjectiveGather.apply(flat, self.slot, self.slot_row, False, not full)  # (N, ·)
 
     def per_expert(self, values: torch.Tensor) -> torch.Tensor:
         return values.unsqueeze(1)  # (E, 1, ...)
 
-    def matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(x, weight.transpose(-2, -1))  # (E, C, out)
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if bias is None:
+            return torch.bmm(x, weight.transpose(-2, -1))  # (E, C, out)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(-2, -1))
 
 
 LAYOUTS = {"grouped_mm": GroupedMMLayout, "padded": PaddedLayout, "segment": SegmentLayout}

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asymoe.config import ConfigError, EvidenceConfig
+from asymoe.models.dispatch import ExpertLayout, ExpertRows, row_values, to_rows
 from asymoe.models.experts import FFNExperts, gated_ffn
 
 if TYPE_CHECKING:
@@ -200,8 +201,27 @@ class EvidenceExperts(FFNExperts):
         return count + (self.route_weight.numel() if self.route_bias else 0)
 
     def expert_forward(self, expert: int, tokens: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
-        memory = gated_ffn(tokens, self.gate_up_proj[expert], self.down_proj[expert], self.act_fn)  # (n, d)
-        joint = torch.cat([tokens, extras["context"].to(tokens.dtype)], dim=-1)  # (n, 2d)
-        evidence = gated_ffn(joint, self.evidence_gate_up_proj[expert], self.evidence_down_proj[expert], self.act_fn)
-        alpha = extras["alpha"][:, expert : expert + 1].to(memory.dtype)  # (n, 1)
+        alpha = extras["alpha"][:, expert : expert + 1]  # (n, 1)
+        return self._mix(tokens, extras["context"], alpha, F.linear, lambda weight: weight[expert])
+
+    def forward_grouped(
+        self, tokens: torch.Tensor, rows: ExpertRows, layout: ExpertLayout, extras: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        # The cross-attention context was computed once per layer, in `prepare`; rows only gather it.
+        alpha = row_values(rows, extras["alpha"]).unsqueeze(-1)  # (N, 1): the gate of each row's expert
+        routed, context = to_rows(tokens, rows), to_rows(extras["context"], rows)
+        out = self._mix(layout.pack(routed), layout.pack(context), layout.pack(alpha), layout.linear, lambda w: w)
+        return layout.unpack(out)
+
+    def _mix(self, tokens, context, alpha, linear, select) -> torch.Tensor:
+        """α·F_mem + (1 − α)·F_evd (Eqs. 7-9) for tokens and context (..., d), gate α (..., 1).
+
+        `select` picks the weights of the experts at hand from each 3-D tensor and `linear`
+        applies them (one expert: indexing and F.linear; all: identity and a layout's linear).
+        """
+        memory = gated_ffn(tokens, select(self.gate_up_proj), select(self.down_proj), self.act_fn, linear)
+        joint = torch.cat([tokens, context.to(tokens.dtype)], dim=-1)  # (..., 2d)
+        evidence_weights = select(self.evidence_gate_up_proj), select(self.evidence_down_proj)
+        evidence = gated_ffn(joint, *evidence_weights, self.act_fn, linear)
+        alpha = alpha.to(memory.dtype)
         return alpha * memory + (1 - alpha) * evidence

@@ -8,7 +8,9 @@ Weight layout follows transformers' MoE modules (Mixtral/Qwen3-MoE): gate_up_pro
 down_proj (E, d, f), applied with F.linear, so weights copy across without transposes.
 
 `ExpertGroup.dispatch` is the eager reference path: one gather, expert call and scatter-add per
-expert. An expert backend may replace it as long as each token receives the same weighted sum.
+expert. `dispatch_grouped` is the fast one (`model.moe.experts_backend`, asymoe.models.dispatch):
+the block sorts its assignments once, and `forward_grouped` runs all experts of the group at once
+through an expert layout, giving each token the same weighted sum.
 """
 
 from __future__ import annotations
@@ -20,14 +22,22 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from asymoe.models.dispatch import ExpertLayout, ExpertRows, combine, make_layout, to_rows
+
 if TYPE_CHECKING:
     from asymoe.models.moe import TokenMeta
 
 
-def gated_ffn(tokens: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn) -> torch.Tensor:
-    """down · (act(gate · x) ⊙ (up · x)) with gate_up_proj (2f, in) and down_proj (d, f)."""
-    gate, up = F.linear(tokens, gate_up_proj).chunk(2, dim=-1)  # (n, f) each
-    return F.linear(act_fn(gate) * up, down_proj)  # (n, d)
+def gated_ffn(
+    tokens: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn, linear=F.linear
+) -> torch.Tensor:
+    """down · (act(gate · x) ⊙ (up · x)) with gate_up_proj (2f, in) and down_proj (d, f).
+
+    `linear` applies a weight: F.linear for one expert, or an `ExpertLayout.linear` for the
+    weights (E, 2f, in), (E, d, f) of all experts at once.
+    """
+    gate, up = linear(tokens, gate_up_proj).chunk(2, dim=-1)  # (n, f) each
+    return linear(act_fn(gate) * up, down_proj)  # (n, d)
 
 
 class ExpertGroup(nn.Module):
@@ -43,6 +53,10 @@ class ExpertGroup(nn.Module):
     """
 
     num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    # Whether the experts compute in float32 whatever the autocast state (the hyperbolic ones).
+    float32_experts: bool = False
 
     def prepare(self, hidden: torch.Tensor, meta: TokenMeta) -> dict[str, torch.Tensor]:
         return {}
@@ -72,6 +86,24 @@ class ExpertGroup(nn.Module):
     def expert_forward(self, expert: int, tokens: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
         """Output (n, d) of expert `expert` for tokens (n, d); every subclass defines it."""
         raise NotImplementedError(type(self).__name__)
+
+    def forward_grouped(
+        self, tokens: torch.Tensor, rows: ExpertRows, layout: ExpertLayout, extras: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Outputs (N, d) of all the group's rows at once: row r is expert rows.local_expert[r] on
+        token rows.token_index[r]; tokens (T, d) and extras (T, ...) are per token."""
+        raise NotImplementedError(type(self).__name__)
+
+    def dispatch_grouped(
+        self, tokens: torch.Tensor, rows: ExpertRows, kernel: str, extras: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """The sum of `dispatch` for rows sorted by expert (asymoe.models.dispatch), (T, d)."""
+        outputs = self.forward_grouped(tokens, rows, make_layout(kernel, rows), extras)  # (N, d)
+        return combine(rows, outputs, tokens.dtype)
+
+    def matmul_widths(self) -> tuple[int, ...]:
+        """Input and output widths of the experts' weight multiplies (a kernel's stride rules)."""
+        return (self.hidden_size, self.intermediate_size)
 
     def always_active_parameter_count(self) -> int:
         """Parameters the group runs for every token it may receive, whatever the routing (default 0)."""
@@ -134,3 +166,9 @@ class FFNExperts(ExpertGroup):
 
     def expert_forward(self, expert: int, tokens: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
         return gated_ffn(tokens, self.gate_up_proj[expert], self.down_proj[expert], self.act_fn)
+
+    def forward_grouped(
+        self, tokens: torch.Tensor, rows: ExpertRows, layout: ExpertLayout, extras: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        routed = layout.pack(to_rows(tokens, rows))
+        return layout.unpack(gated_ffn(routed, self.gate_up_proj, self.down_proj, self.act_fn, layout.linear))

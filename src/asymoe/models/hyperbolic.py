@@ -39,6 +39,7 @@ from transformers.activations import ACT2FN
 
 from asymoe.config import GeometryLossConfig
 from asymoe.models import lorentz, poincare
+from asymoe.models.dispatch import ExpertLayout, ExpertRows, to_rows
 from asymoe.models.experts import ExpertGroup
 
 if TYPE_CHECKING:
@@ -101,6 +102,8 @@ class HyperbolicExperts(ExpertGroup):
     The geometry losses (`aux_losses`) and their projections W_V, W_L exist only when a loss
     weight is > 0, so every built parameter receives a gradient in every step.
     """
+
+    float32_experts = True
 
     def __init__(
         self,
@@ -202,16 +205,16 @@ class HyperbolicExperts(ExpertGroup):
             self.gate_up_time.zero_()
             self.down_time.zero_()
 
-    def _expert_weights(self) -> list[torch.Tensor]:
-        weights = [self.gate_up_proj, self.gate_up_bias, self.down_proj, self.down_bias]
+    def _expert_weights(self) -> dict[str, torch.Tensor]:
+        names = ["gate_up_proj", "gate_up_bias", "down_proj", "down_bias"]
         if self.geometry == "lorentz":
-            weights += [self.gate_up_time, self.down_time]
-        return weights
+            names += ["gate_up_time", "down_time"]
+        return {name: getattr(self, name) for name in names}
 
     def expert_parameter_count(self) -> int:
         """Parameters one expert uses per token (the loss projections and curvature excluded)."""
         # numel() // shape[0], not weight[0]: indexing a sharded (FSDP2 DTensor) weight is a collective.
-        return sum(weight.numel() // weight.shape[0] for weight in self._expert_weights())
+        return sum(weight.numel() // weight.shape[0] for weight in self._expert_weights().values())
 
     def dispatch(
         self,
@@ -235,40 +238,49 @@ class HyperbolicExperts(ExpertGroup):
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             kappa = self.manifold_curvature()
             point = self._to_manifold(tokens.float(), kappa)  # (n, d) space part
-            if self.geometry == "lorentz":
-                output = self._lorentz_layers(expert, point, kappa)
-            else:
-                output = self._poincare_layers(expert, point, kappa)
+            weights = {name: weight[expert].float() for name, weight in self._expert_weights().items()}
+            output = self._layers(point, kappa, weights, F.linear, lambda values: values)
         return output.to(tokens.dtype)  # (n, d)
 
-    def _lorentz_layers(self, expert: int, point: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
-        gate_up = lorentz.linear(
-            point,
-            self.gate_up_proj[expert].float(),
-            self.gate_up_time[expert].float(),
-            self.gate_up_bias[expert].float(),
-            kappa,
-        )  # (n, 2f)
-        gate, up = lorentz.clip_radius(gate_up, kappa).chunk(2, dim=-1)
-        inner = lorentz.clip_radius(self.act_fn(gate) * up, kappa)  # (n, f)
-        output = lorentz.linear(
-            inner,
-            self.down_proj[expert].float(),
-            self.down_time[expert].float(),
-            self.down_bias[expert].float(),
-            kappa,
-        )  # (n, d)
-        return lorentz.log_map0(lorentz.clip_radius(output, kappa), kappa)
+    def forward_grouped(
+        self, tokens: torch.Tensor, rows: ExpertRows, layout: ExpertLayout, extras: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        # Statistics as in `dispatch`: token norms and how many of the group's rows each token has.
+        reached = (rows.row_of_position < rows.position.shape[0]).view(tokens.shape[0], rows.slots).sum(-1)
+        self._routed_norms = (tokens.detach().float().norm(dim=-1, keepdim=True), reached)
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            kappa = self.manifold_curvature()
+            point = self._to_manifold(tokens.float(), kappa)  # (T, d): the exp map once per token
+            weights = {name: weight.float() for name, weight in self._expert_weights().items()}
+            output = self._layers(layout.pack(to_rows(point, rows)), kappa, weights, layout.linear, layout.per_expert)
+        return layout.unpack(output).to(tokens.dtype)  # (N, d)
 
-    def _poincare_layers(self, expert: int, point: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
-        gate_up = poincare.fc_lifted(
-            point, self.gate_up_proj[expert].float(), self.gate_up_bias[expert].float(), kappa
-        )  # (n, 2f)
-        gate, up = gate_up.chunk(2, dim=-1)
-        inner = lorentz.clip_radius(self.act_fn(gate) * up, kappa)  # (n, f)
-        output = poincare.fc_lifted(inner, self.down_proj[expert].float(), self.down_bias[expert].float(), kappa)
+    def matmul_widths(self) -> tuple[int, ...]:
+        # The layers multiply [time; space] coordinates: one column more than the widths.
+        return (self.hidden_size, self.intermediate_size, self.hidden_size + 1, self.intermediate_size + 1)
+
+    def _layers(self, point, kappa, weights, linear_fn, per_expert) -> torch.Tensor:
+        """The experts' layers (class docstring) on points (..., d), in float32.
+
+        weights: one expert's (matrices (out, in), vectors (out,)), with linear_fn = F.linear and
+        per_expert the identity; or all experts' (E, out, in), (E, out), with an expert layout's
+        linear and per_expert.
+        """
+        clip = lorentz.clip_radius
+        if self.geometry == "lorentz":
+            first = weights["gate_up_proj"], weights["gate_up_time"], weights["gate_up_bias"]
+            gate, up = clip(lorentz.linear(point, *first, kappa, linear_fn), kappa).chunk(2, dim=-1)  # (..., f)
+            inner = clip(self.act_fn(gate) * up, kappa)  # (..., f)
+            second = weights["down_proj"], weights["down_time"], weights["down_bias"]
+            output = lorentz.linear(inner, *second, kappa, linear_fn)  # (..., d)
+            return lorentz.log_map0(clip(output, kappa), kappa)
+        first = weights["gate_up_proj"], weights["gate_up_bias"]
+        gate, up = poincare.fc_lifted(point, *first, kappa, linear_fn, per_expert).chunk(2, dim=-1)  # (..., f)
+        inner = clip(self.act_fn(gate) * up, kappa)  # (..., f)
+        second = weights["down_proj"], weights["down_bias"]
+        output = poincare.fc_lifted(inner, *second, kappa, linear_fn, per_expert)  # (..., d)
         # The ball's log_0 of the output point is half the hyperboloid's log_o of its image.
-        return lorentz.log_map0(lorentz.clip_radius(output, kappa), kappa) / 2.0
+        return lorentz.log_map0(clip(output, kappa), kappa) / 2.0
 
     # -- geometry losses -----------------------------------------------------------------------
 

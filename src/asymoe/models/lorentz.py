@@ -42,13 +42,17 @@ Curvature = torch.Tensor | float
 
 
 def safe_norm(x: torch.Tensor, keepdim: bool = True) -> torch.Tensor:
-    """Euclidean norm over the last dimension, floored so that its gradient is finite at 0."""
-    return torch.sqrt(x.square().sum(-1, keepdim=keepdim).clamp_min(NORM_SQ_MIN))
+    """Euclidean norm over the last dimension, floored so that its gradient is finite at 0.
+
+    One fused reduction (vector_norm) rather than square → sum → sqrt: the hyperbolic experts take
+    several norms of (tokens, width) tensors per layer, forward and backward.
+    """
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=keepdim).clamp_min(NORM_SQ_MIN**0.5)
 
 
 def time(x_space: torch.Tensor, curvature: Curvature) -> torch.Tensor:
     """x_t = sqrt(1/c + ‖x_s‖²), shape (..., 1)."""
-    return torch.sqrt(1.0 / curvature + x_space.square().sum(-1, keepdim=True))
+    return torch.sqrt(1.0 / curvature + torch.linalg.vector_norm(x_space, dim=-1, keepdim=True).square())
 
 
 def inner(x_space: torch.Tensor, y_space: torch.Tensor, curvature: Curvature) -> torch.Tensor:
@@ -122,11 +126,14 @@ def linear(
     time_weight: torch.Tensor,
     bias: torch.Tensor | None,
     curvature: Curvature,
+    linear_fn=F.linear,
 ) -> torch.Tensor:
     """Fully hyperbolic linear layer (Chen et al., 2022): y_s = W·[x_t; x_s] + b.
 
     weight (out, in) acts on x_s, time_weight (out,) is W's time column; returns y_s (..., out).
     The time part is a non-linear function of ‖x_s‖, which is what makes the layer depend on c.
+    `linear_fn` applies [time_weight, weight] and bias: F.linear for one layer, or an expert
+    layout's linear for the (E, out, in), (E, out) weights of many experts at once.
     """
     full_point = torch.cat([time(x_space, curvature), x_space], dim=-1)  # [x_t; x_s]
-    return F.linear(full_point, torch.cat([time_weight.unsqueeze(-1), weight], dim=-1), bias)
+    return linear_fn(full_point, torch.cat([time_weight.unsqueeze(-1), weight], dim=-1), bias)

@@ -25,6 +25,7 @@ from torch import nn
 
 from asymoe.config import MoEConfig
 from asymoe.layout import GROUP_NAMES, SHARED_ROUTER, eligible_groups, router_names
+from asymoe.models import dispatch
 from asymoe.models.experts import ExpertGroup
 from asymoe.models.routing import (
     Router,
@@ -176,6 +177,7 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.routing_config = config.routing
+        self.experts_backend = config.experts_backend
         self.groups = nn.ModuleDict({name: group for name, group in groups.items() if group.num_experts > 0})
         self.offsets: dict[str, int] = {}  # first global expert id of each group
         offset = 0
@@ -282,12 +284,36 @@ class MoEBlock(nn.Module):
         """Every group's weighted output (tokens, d) and the routing weight (tokens,) it received."""
         outputs: dict[str, torch.Tensor] = {}
         routed_weight: dict[str, torch.Tensor] = {}
+        kernels = self._kernels(tokens)
+        if kernels is not None:
+            # One sort of every router's assignments for the whole block; each group reads its run.
+            sync_free = tokens.device.type in dispatch.SYNC_FREE_DEVICES and set(kernels.values()) == {"grouped_mm"}
+            assignments = dispatch.sort_assignments(
+                routing.expert_index, routing.expert_weight, routing.slot_mask, self.num_experts, sync_free
+            )
         for name, group in self.groups.items():
             local = routing.expert_index - self.offsets[name]
             in_group = routing.slot_mask & (local >= 0) & (local < group.num_experts)  # (tokens, slots)
-            outputs[name] = group.dispatch(tokens, local, routing.expert_weight, in_group, extras[name])
+            if kernels is None:
+                outputs[name] = group.dispatch(tokens, local, routing.expert_weight, in_group, extras[name])
+            else:
+                rows = dispatch.group_rows(assignments, self.offsets[name], group.num_experts)
+                outputs[name] = group.dispatch_grouped(tokens, rows, kernels[name], extras[name])
             routed_weight[name] = (routing.expert_weight * in_group).sum(-1)
         return outputs, routed_weight
+
+    def _kernels(self, tokens: torch.Tensor) -> dict[str, str] | None:
+        """Each group's kernel for `model.moe.experts_backend` on these tokens; None for eager."""
+        if self.experts_backend == "eager":
+            return None
+        device = tokens.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else tokens.dtype
+        return {
+            name: dispatch.resolve_kernel(
+                self.experts_backend, device, torch.float32 if group.float32_experts else dtype, *group.matmul_widths()
+            )
+            for name, group in self.groups.items()
+        }
 
     # -- losses and statistics -------------------------------------------------------------------
 

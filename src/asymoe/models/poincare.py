@@ -60,21 +60,25 @@ def dist(x: torch.Tensor, y: torch.Tensor, curvature: Curvature) -> torch.Tensor
     return lorentz.dist(to_lorentz(x, curvature), to_lorentz(y, curvature), curvature)
 
 
+def _same(values: torch.Tensor) -> torch.Tensor:
+    return values
+
+
 def _scaled_hyperplane_distance(
-    x_space: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, curvature: Curvature
+    x_space: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, curvature: Curvature, linear_fn, per_expert
 ) -> torch.Tensor:
     """√c·v_k(x) = 2‖z_k‖·asinh(√c⟨λ_x·x, ẑ_k⟩·cosh(2√c r_k) − (λ_x − 1)·sinh(2√c r_k)).
 
     The asinh argument of every k comes from one matmul of [√c·x_t; x_s] (x_s = λ_x·x).
     """
     sqrt_c = curvature**0.5
-    weight_norm = safe_norm(weight)  # (out, 1)
-    shift = (2.0 * sqrt_c * offset).clamp(-SINH_MAX, SINH_MAX).unsqueeze(-1)  # 2√c·r_k, (out, 1)
-    scaled_time = torch.sqrt(1.0 + curvature * x_space.square().sum(-1, keepdim=True))  # λ_x − 1 = √c·x_t
+    weight_norm = safe_norm(weight)  # (..., out, 1)
+    shift = (2.0 * sqrt_c * offset).clamp(-SINH_MAX, SINH_MAX).unsqueeze(-1)  # 2√c·r_k, (..., out, 1)
+    scaled_time = torch.sqrt(1.0 + curvature * safe_norm(x_space).square())  # λ_x − 1 = √c·x_t
     # [√c x_t; x_s] against [−sinh(2√c r_k); √c cosh(2√c r_k) ẑ_k] gives the asinh argument.
     rows = torch.cat([-torch.sinh(shift), sqrt_c * torch.cosh(shift) * weight / weight_norm], dim=-1)
-    argument = F.linear(torch.cat([scaled_time, x_space], dim=-1), rows)  # (..., out)
-    return 2.0 * weight_norm.squeeze(-1) * torch.asinh(argument)
+    argument = linear_fn(torch.cat([scaled_time, x_space], dim=-1), rows)  # (..., out)
+    return 2.0 * per_expert(weight_norm.squeeze(-1)) * torch.asinh(argument)
 
 
 def hyperplane_distance(
@@ -84,15 +88,24 @@ def hyperplane_distance(
 
     weight (out, in) holds the z_k as rows, offset (out,) the r_k; returns (..., out).
     """
-    return _scaled_hyperplane_distance(x_space, weight, offset, curvature) / curvature**0.5
+    return _scaled_hyperplane_distance(x_space, weight, offset, curvature, F.linear, _same) / curvature**0.5
 
 
-def fc_lifted(x_space: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, curvature: Curvature) -> torch.Tensor:
+def fc_lifted(
+    x_space: torch.Tensor,
+    weight: torch.Tensor,
+    offset: torch.Tensor,
+    curvature: Curvature,
+    linear_fn=F.linear,
+    per_expert=_same,
+) -> torch.Tensor:
     """HNN++ Poincaré FC layer on hyperboloid coordinates: returns w = sinh(√c·v(x))/√c.
 
     w is the hyperboloid space part of the layer's ball output y = w/(1 + sqrt(1 + c‖w‖²)).
+    For the (E, out, in) weights and (E, out) offsets of many experts, `linear_fn` is an expert
+    layout's linear and `per_expert` broadcasts (E, out) values to its rows.
     """
-    scaled_distance = _scaled_hyperplane_distance(x_space, weight, offset, curvature)
+    scaled_distance = _scaled_hyperplane_distance(x_space, weight, offset, curvature, linear_fn, per_expert)
     return torch.sinh(scaled_distance.clamp(-SINH_MAX, SINH_MAX)) / curvature**0.5
 
 
