@@ -118,3 +118,13 @@ def test_chatml_template_framing_from_the_tokenizer(tmp_path):
     plain = HFTokenizer(tmp_path / "plain")
     assert plain.user_ids == plain.tokenizer.encode("USER:", add_special_tokens=False)
     assert plain.eos_id == plain.tokenizer.eos_token_id
+
+
+def test_cli_export_refusal_is_one_line(tmp_path, capsys):
+    from asymoe.cli import main
+
+    make_run(tmp_path / "run", ["model.moe.groups.language.kind=evidence"])
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("asymoe: error: export: wrote the asymoe state") and "\n" not in error
+    assert (tmp_path / "out" / "asymoe" / "model.safetensors").is_file()

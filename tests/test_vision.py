@@ -45,6 +45,18 @@ def test_local_weights_are_loaded(tmp_path):
         encoder([channels, f"model.vision.pretrained_path={tmp_path / 'wrong.pth'}"])
 
 
+def test_safetensors_weights_are_loaded(tmp_path):
+    from safetensors.torch import save_file
+
+    overrides = ["model.vision.model_name=vit_tiny_patch16_224", "model.vision.model_kwargs.depth=1",
+                 "model.vision.image_size=32"]  # fmt: skip
+    reference = encoder(overrides).model
+    save_file(reference.state_dict(), str(tmp_path / "vit.safetensors"))
+    loaded = encoder(overrides + [f"model.vision.pretrained_path={tmp_path / 'vit.safetensors'}"])
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], value)
+
+
 def test_frozen_encoder_gets_no_gradient_and_keeps_statistics():
     enc = encoder(["model.vision.model_kwargs.channels=[8,16,32,64]", "model.vision.freeze=true"])
     enc.train()
@@ -92,8 +104,11 @@ def test_tiny_vit_from_overrides_builds_and_runs():
 
 
 def test_prefix_tokens_kept_in_front_of_the_patches():
-    overrides = ["model.vision.model_name=vit_tiny_patch16_224", "model.vision.model_kwargs.depth=1",
-                 "model.vision.image_size=32"]
+    overrides = [
+        "model.vision.model_name=vit_tiny_patch16_224",
+        "model.vision.model_kwargs.depth=1",
+        "model.vision.image_size=32",
+    ]
     dropped = encoder(overrides)
     kept = encoder(overrides + ["model.vision.keep_prefix_tokens=true"])
     kept.load_state_dict(dropped.state_dict())
@@ -107,8 +122,9 @@ def test_prefix_tokens_kept_in_front_of_the_patches():
 
 
 def test_preprocessing_from_the_timm_pretrained_config(tmp_path):
-    vit = resolve_preprocessing(load(None, ["model.vision.model_name=vit_tiny_patch16_224",
-                                            "model.vision.image_size=null"]).model.vision)
+    vit = resolve_preprocessing(
+        load(None, ["model.vision.model_name=vit_tiny_patch16_224", "model.vision.image_size=null"]).model.vision
+    )
     assert vit == Preprocessing(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
     resnet = resolve_preprocessing(load(None, ["model.vision.interpolation=bilinear"]).model.vision)
     assert resnet == Preprocessing(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
