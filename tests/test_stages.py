@@ -61,6 +61,11 @@ def test_two_stages_projector_first_then_all_from_its_weights(tiny_overrides):
     stamp = (align / "checkpoints" / "last.ckpt").stat().st_mtime_ns
     assert fit_stages(config_lib.load(f"{run}/config.yaml"))["test/accuracy"] == metrics["test/accuracy"]
     assert (align / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
+    # An unfinished stage (checkpoints, no metrics.json) resumes from its last checkpoint.
+    (tune / "metrics.json").unlink()
+    resumed = fit_stages(config_lib.load(f"{run}/config.yaml"))
+    assert (tune / "metrics.json").is_file() and resumed["tune/test/accuracy"] == metrics["test/accuracy"]
+    assert (align / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
 
 
 def test_stage_errors_name_the_stage(tiny_overrides):
