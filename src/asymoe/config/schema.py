@@ -190,8 +190,8 @@ class ScenesConfig:
     # POPE: images probed, 3 present + 3 absent objects each, per negative sampling.
     pope_images: int = 100
     questions_per_image: int = 10
-    # Long tail: per question text, answer of rank r is kept with probability (r + 1)^-answer_skew.
-    answer_skew: float = 1.2
+    # Long tail: per question template, answer of rank r is kept with probability (r + 1)^-answer_skew.
+    answer_skew: float = 1.5
     # Object types: popularity (rank + 1)^-object_skew; each scene boosts one of `contexts` subsets
     # of `context_size` types by `context_boost` (co-occurrence, for POPE's adversarial negatives).
     object_skew: float = 1.0

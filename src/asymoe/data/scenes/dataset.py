@@ -33,11 +33,12 @@ from asymoe.data.scenes.splits import (
     generate_pope,
     generate_split,
     head_answers,
+    template,
 )
 from asymoe.data.scenes.world import Scene, TypePrior, blank_image, render
 from asymoe.data.tokenizer import IMAGE_TOKEN
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MANIFEST = "manifest.json"
 TEST_SPLITS = ("test_iid", "test_prior_shift", "test_blind", *(f"test_pope_{s}" for s in POPE_SAMPLINGS))
 # Split name -> its JSON file (the iid test is LLaVA's plain test.json).
@@ -99,7 +100,7 @@ def _records(split: str, generated: GeneratedSplit, heads: dict[str, set[str]], 
                     {"from": "gpt", "value": question.answer},
                 ],
                 "question_type": question.family,
-                "answer_group": "head" if question.answer in heads.get(question.text, ()) else "tail",
+                "answer_group": "head" if question.answer in heads.get(template(question.text), ()) else "tail",
             }
         )
     return records

@@ -1,10 +1,11 @@
 """The splits of the scenes benchmark: long-tailed train, iid / prior-shift / POPE test sets.
 
 Answer distributions (VQA-CP's construction, Agrawal et al. 2018, made generative): every
-question text gets a fixed random ranking of its answer space. Train (and val, and the iid test)
-keep a candidate question with probability (rank + 1)^-skew, so each question text has a head
-answer and a long tail; the prior-shift test reverses the ranking, so the answers a model could
-learn from the question text alone are the rare ones there. Scenes themselves are drawn from the
+question *template* (the text with its colour, shape and size words blanked, e.g. "what color is
+the _?", as VQA-CP groups questions by type) gets a fixed random ranking of its answer space.
+Train (and val, and the iid test) keep a candidate question with probability (rank + 1)^-skew,
+so each template has head answers and a long tail; the prior-shift test reverses the ranking, so
+the answers a model could learn from the question alone are the rare ones there. Scenes themselves are drawn from the
 same distribution in every split: only the question/answer pairing shifts.
 
 POPE (Li et al. 2023): per image, present objects as "yes" probes and as many absent objects as
@@ -15,12 +16,14 @@ scenes) or adversarially (the types that co-occur most with the objects present)
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 
 from asymoe.data.scenes.questions import YES_NO, Question, questions_for
-from asymoe.data.scenes.world import Scene, TypePrior, object_types, sample_scene
+from asymoe.data.scenes.world import COLOURS, SHAPES, SIZES, Scene, TypePrior, object_types, sample_scene
 
+_ATTRIBUTE_WORDS = re.compile(r"\b(" + "|".join((*COLOURS, *SHAPES, *SIZES)) + r")s?\b")
 POPE_SAMPLINGS = ("random", "popular", "adversarial")
 POPE_PROBES = 3  # positives and negatives per image, as in POPE
 PICK_ATTEMPTS = 50
@@ -38,8 +41,13 @@ class GeneratedSplit:
     samples: list[Sample]
 
 
+def template(text: str) -> str:
+    """The question with its attribute words blanked: "what color is the circle?" -> "what color is the _?"."""
+    return _ATTRIBUTE_WORDS.sub("_", text)
+
+
 class AnswerRanking:
-    """Per question text, a fixed random order of its answer space; weight = (rank + 1)^-skew."""
+    """Per question template, a fixed random order of its answer space; weight = (rank + 1)^-skew."""
 
     def __init__(self, seed: int, skew: float):
         self.seed = seed
@@ -47,11 +55,12 @@ class AnswerRanking:
         self._ranks: dict[str, dict[str, int]] = {}
 
     def rank(self, question: Question) -> int:
-        ranks = self._ranks.get(question.text)
+        key = template(question.text)
+        ranks = self._ranks.get(key)
         if ranks is None:
             order = list(question.answers)
-            random.Random(f"{self.seed}:answers:{question.text}").shuffle(order)
-            ranks = self._ranks[question.text] = {answer: r for r, answer in enumerate(order)}
+            random.Random(f"{self.seed}:answers:{key}").shuffle(order)
+            ranks = self._ranks[key] = {answer: r for r, answer in enumerate(order)}
         return ranks[question.answer]
 
     def weight(self, question: Question, shifted: bool) -> float:
@@ -160,10 +169,10 @@ def generate_pope(
 
 
 def head_answers(samples: list[Sample], coverage: float = 0.5) -> dict[str, set[str]]:
-    """Per question text, its most frequent train answers that together cover `coverage` of it."""
+    """Per question template, its most frequent train answers that together cover `coverage` of it."""
     counts: dict[str, Counter] = {}
     for sample in samples:
-        counts.setdefault(sample.question.text, Counter())[sample.question.answer] += 1
+        counts.setdefault(template(sample.question.text), Counter())[sample.question.answer] += 1
     heads = {}
     for text, counter in counts.items():
         total, covered, head = sum(counter.values()), 0, set()
