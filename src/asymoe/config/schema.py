@@ -13,8 +13,10 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal, get_args, get_origin
 
+from asymoe.intent.config import IntentConfig
 from asymoe.layout import Modality, RoutingMode
 
+Task = Literal["vqa", "intent"]
 ProjectorKind = Literal["mlp2x_gelu", "linear"]
 # Hugging Face model types whose decoder layers carry a gated (gate/up/down) MLP we can upcycle.
 LMArch = Literal["llama", "qwen2", "mistral"]
@@ -290,6 +292,9 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # vqa: the vision-language MoE models (model, data); intent: multimodal intent recognition (intent).
+    task: Task = "vqa"
+    intent: IntentConfig = field(default_factory=IntentConfig)
 
     def __post_init__(self) -> None:
         # The file load() read (for messages): an attribute, not a schema key, so users cannot set it.

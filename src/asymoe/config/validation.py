@@ -13,6 +13,7 @@ from pathlib import Path
 
 from asymoe.config.schema import DEFAULT_BALANCE_COEF, DEFAULT_CURVATURE, Config, GroupConfig, MoEConfig
 from asymoe.errors import ConfigError
+from asymoe.intent.config import validate_intent
 from asymoe.layout import (
     GROUP_NAMES,
     MODALITIES,
@@ -73,6 +74,8 @@ def validate(cfg: Config) -> None:
     _validate_optim(cfg, where)
     _validate_trainer(cfg, where)
     _validate_moe(cfg, where)
+    if cfg.task == "intent":
+        validate_intent(cfg.intent, where)
 
 
 def _validate_model(cfg: Config, where: str) -> None:
