@@ -200,3 +200,16 @@ def test_scratch_family_builds_and_upcycles_exactly(arch):
     ids = torch.randint(5, VOCAB, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(text_logits(moe, ids), text_logits(dense, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_non_gated_experts_agree_across_backends(tmp_path):
+    save(tmp_path / "gpt2", "gpt2", FAMILIES["gpt2"][0])
+    ids = torch.randint(5, VOCAB, (2, 9))
+    logits = {}
+    for backend in ("eager", "segment", "padded"):
+        # Random (not upcycled) experts, the same for every backend: any mix-up of experts shows.
+        model = build(tmp_path / "gpt2", ["model.moe.upcycle=false", f"model.moe.experts_backend={backend}"]).eval()
+        with torch.no_grad():
+            logits[backend] = text_logits(model, ids)
+    torch.testing.assert_close(logits["segment"], logits["eager"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits["padded"], logits["eager"], atol=1e-5, rtol=1e-5)
