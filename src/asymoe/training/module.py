@@ -49,6 +49,8 @@ class VLMModule(L.LightningModule):
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # Routing statistics only on the steps whose end RoutingLogger writes to TensorBoard.
+        self.model.moe_state.statistics = (self.global_step + 1) % self.trainer.log_every_n_steps == 0
         out = self._forward(batch)
         loss = out.lm_loss if out.aux_loss is None else out.lm_loss + out.aux_loss
         size = batch["input_ids"].shape[0]
@@ -67,6 +69,7 @@ class VLMModule(L.LightningModule):
         after normalisation), so the accuracy is that of full greedy decoding at a fraction of
         the cost.
         """
+        self.model.moe_state.statistics = True  # expert shares feed the validation heat-maps
         out = self._forward(batch)
         split = batch["split"]
         self.tally.add_loss(split, float(out.lm_loss), batch["input_ids"].shape[0])
