@@ -1,23 +1,25 @@
-"""Training throughput: dense vs AsyMoE vs transformers' MixtralForCausalLM of the same active size.
+"""Training throughput: dense vs vanilla MoE vs AsyMoE vs transformers' MixtralForCausalLM, in activated TFLOP/s.
 
 Each model trains under FSDP2 (`fully_shard` per decoder layer, then the root) in a one-process
 group on one device, with AdamW, on synthetic LLaVA-shaped batches: per sample `--image-tokens`
 image positions followed by `--text-tokens` text positions (the last `--answer-tokens` of them are
 answers; image + prompt positions are evidence). What is timed and what is not:
 
-- dense and AsyMoE run `VisionLanguageModel.forward` with `image_features` given: random
+- dense, vanilla MoE and AsyMoE run `VisionLanguageModel.forward` with `image_features` given: random
   projected image features are spliced at the placeholders, so the LM, its MoE blocks and the
   token metadata (vision / evidence / answer masks) are exercised exactly as in training; the
   vision encoder and projector are bypassed (frozen, not run), because they are identical for
-  dense and AsyMoE and absent from Mixtral. The three rows compare language models.
+  every VLM and absent from Mixtral. The rows compare language models.
 - Mixtral runs on `inputs_embeds` of the same length (it has no vision path); its expert width is
   chosen so that its activated parameters per token match AsyMoE's (reported per row).
 - Each model runs in its own subprocess, so peak memory (CUDA max allocated, or the process's peak
   RSS on CPU) belongs to that model alone. Step time is the median after warm-up.
-- MFU = tokens/s × (6·N_act + 12·L·d·S) / peak FLOP/s (PaLM, appendix B), N_act = activated
-  non-embedding parameters per token, averaged over image and text positions. The peak is
-  `--peak-tflops` (default: 989 for an H100's dense bf16); on CPU no peak is assumed and only the
-  achieved TFLOP/s is reported.
+- The models differ in size, so tokens/s alone would make a larger model look slower for being
+  larger. The comparison is in activated TFLOP/s = tokens/s × (6·N_act + 12·L·d·S) (PaLM,
+  appendix B), N_act = activated non-embedding parameters per token averaged over image and text
+  positions, and its ratio to dense: how fast each model runs the compute a token activates.
+  MFU divides it by `--peak-tflops` (default: 989 for an H100's dense bf16); on CPU no peak is
+  assumed. `--experts-backend` sets `model.moe.experts_backend` of the VLMs (default auto).
 
     python benchmarks/train_throughput.py            # GPU preset (~0.4-1.1B params), bf16
     python benchmarks/train_throughput.py --small    # the same comparison, tiny sizes, CPU, fp32
@@ -44,14 +46,43 @@ from machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.md"
 REPO = Path(__file__).resolve().parents[1]
-MODELS = ("dense", "asymoe", "mixtral")
+MODELS = ("dense", "vanilla_moe", "asymoe", "mixtral")
+DETAILS = {
+    "dense": "plain FFN",
+    "vanilla_moe": "vanilla_moe.yaml: 4 experts, one router, top-2, every other layer",
+    "asymoe": "asymoe.yaml: 1 vision + 2 Lorentz shared + 1 evidence, top-2, every other layer",
+}
 
 # hidden, intermediate, layers, heads, kv heads, vocab; micro-batch; steps
 PRESETS = {
-    "gpu": dict(hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2, vocab=32000, batch=8,
-                warmup=3, steps=10, image_tokens=576, text_tokens=512, answer_tokens=64),
-    "small": dict(hidden=128, intermediate=512, layers=4, heads=4, kv_heads=4, vocab=1000, batch=1,
-                  warmup=3, steps=10, image_tokens=576, text_tokens=512, answer_tokens=64),
+    "gpu": dict(
+        hidden=896,
+        intermediate=4864,
+        layers=24,
+        heads=14,
+        kv_heads=2,
+        vocab=32000,
+        batch=8,
+        warmup=3,
+        steps=10,
+        image_tokens=576,
+        text_tokens=512,
+        answer_tokens=64,
+    ),
+    "small": dict(
+        hidden=128,
+        intermediate=512,
+        layers=4,
+        heads=4,
+        kv_heads=4,
+        vocab=1000,
+        batch=1,
+        warmup=3,
+        steps=10,
+        image_tokens=576,
+        text_tokens=512,
+        answer_tokens=64,
+    ),
 }
 IMAGE_TOKEN_ID = 4
 
@@ -60,7 +91,7 @@ IMAGE_TOKEN_ID = 4
 # Models
 
 
-def vlm_config(kind: str, p: dict, image_size: int):
+def vlm_config(kind: str, p: dict, image_size: int, experts_backend: str = "auto"):
     """dense.yaml / asymoe.yaml at the preset's sizes; a thin frozen ResNet yields image_tokens positions."""
     from asymoe import config as config_lib
 
@@ -76,16 +107,17 @@ def vlm_config(kind: str, p: dict, image_size: int):
         f"model.vision.image_size={image_size}",
         "model.vision.freeze=true",
         f"model.moe.evidence.heads={p['heads']}",
+        f"model.moe.experts_backend={experts_backend}",
     ]
     return config_lib.load(REPO / "experiments" / f"{kind}.yaml", overrides)
 
 
-def build_vlm(kind: str, p: dict):
+def build_vlm(kind: str, p: dict, experts_backend: str):
     from asymoe.models.vlm import VisionLanguageModel
 
     side = int(round(p["image_tokens"] ** 0.5))
     assert side * side == p["image_tokens"], "image_tokens must be a square (a feature map)"
-    cfg = vlm_config(kind, p, image_size=32 * side)  # ResNet stride 32
+    cfg = vlm_config(kind, p, 32 * side, experts_backend)  # ResNet stride 32
     model = VisionLanguageModel(cfg.model, p["vocab"], IMAGE_TOKEN_ID)
     model.vision.requires_grad_(False)
     model.projector.requires_grad_(False)
@@ -170,8 +202,15 @@ def synthetic_batch(p: dict, hidden: int, device, generator) -> dict:
     labels = torch.full_like(ids, -100)
     labels[:, image:] = ids[:, image:]
     features = torch.randn(batch, image, hidden, generator=generator)
-    tensors = dict(input_ids=ids, attention_mask=attention, evidence_mask=attention & ~answer_mask,
-                   answer_mask=answer_mask, image_index=torch.arange(batch), image_features=features, labels=labels)
+    tensors = dict(
+        input_ids=ids,
+        attention_mask=attention,
+        evidence_mask=attention & ~answer_mask,
+        answer_mask=answer_mask,
+        image_index=torch.arange(batch),
+        image_features=features,
+        labels=labels,
+    )
     return {k: v.to(device) for k, v in tensors.items()}
 
 
@@ -199,11 +238,11 @@ def run_one(kind: str, p: dict, args) -> dict:
         total = sum(q.numel() for q in model.parameters())
         detail = f"4 experts of width {config.intermediate_size}, top-2, MoE in every layer"
     else:
-        model = build_vlm(kind, p)
+        model = build_vlm(kind, p, args.experts_backend)
         layers = list(model.lm.model.layers)
         activated = vlm_activated(model, p)
         total = sum(q.numel() for q in model.lm.parameters())
-        detail = "plain FFN" if kind == "dense" else "asymoe.yaml: 1 vision + 2 Lorentz shared + 1 evidence, top-2, every other layer"
+        detail = DETAILS[kind] + ("" if kind == "dense" else f", experts_backend={args.experts_backend}")
     model.to(device)
     dtype = torch.bfloat16 if cuda else None
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
@@ -220,7 +259,12 @@ def run_one(kind: str, p: dict, args) -> dict:
         start = time.perf_counter()
         if kind == "mixtral":
             embedding.features = batch["image_features"]
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long(), labels=batch["labels"], use_cache=False)
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"].long(),
+                labels=batch["labels"],
+                use_cache=False,
+            )
             loss = out.loss + (out.aux_loss * 0.01 if getattr(out, "aux_loss", None) is not None else 0)
         else:
             out = model(**batch)
@@ -276,7 +320,7 @@ def resident_bytes() -> int:
 
 def child(kind: str, args, target: dict | None = None) -> dict:
     command = [sys.executable, __file__, "--only", kind] + (["--small"] if args.small else [])
-    command += ["--threads", str(args.threads)]
+    command += ["--threads", str(args.threads), "--experts-backend", args.experts_backend]
     if target is not None:
         command += ["--target", json.dumps(target)]
     output = subprocess.run(command, check=True, capture_output=True, text=True, timeout=3600).stdout
@@ -294,17 +338,21 @@ def write_report(rows: list[dict], p: dict, args, load: tuple) -> str:
         f"LM d={p['hidden']}, f={p['intermediate']}, {p['layers']} layers, {p['heads']} heads ({p['kv_heads']} KV), "
         f"vocab {p['vocab']}; batch {p['batch']} × ({p['image_tokens']} image + {p['text_tokens']} text tokens); "
         f"{'fp32' if rows[0]['device'] == 'cpu' else 'bf16 params (FSDP2 MixedPrecisionPolicy), fp32 reduce'}; "
-        f"FSDP2 fully_shard per decoder layer + root, 1 process; AdamW; median of {p['steps']} steps after {p['warmup']} warm-up.",
+        f"FSDP2 fully_shard per decoder layer + root, 1 process; AdamW; "
+        f"median of {p['steps']} steps after {p['warmup']} warm-up.",
         "",
-        "| model | LM params | activated / token (non-emb.) | step (s, median) | min–max (s) | tokens/s | tokens/s vs dense | peak memory (MiB) | TFLOP/s | MFU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | LM params | activated / token (non-emb.) | step (s, median) | min–max (s) | tokens/s "
+        "| tokens/s vs dense | peak memory (MiB) | activated TFLOP/s | vs dense | MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mfu = f"{100 * r['tflops'] / peak:.1f}%" if peak else "n/a (no CPU peak)"
         lines.append(
             f"| {r['model']} ({r['detail']}) | {r['total_lm_params'] / 1e6:.1f} M | {r['activated'] / 1e6:.1f} M | "
             f"{r['step_s']:.3f} | {r['step_min_s']:.3f}–{r['step_max_s']:.3f} | {r['tokens_per_s']:.0f} | "
-            f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}× | {r['peak_memory_bytes'] / 2**20:.0f} | {r['tflops']:.3f} | {mfu} |"
+            f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}× | {r['peak_memory_bytes'] / 2**20:.0f} | "
+            f"{r['tflops']:.3f} | "
+            f"{r['tflops'] / dense['tflops']:.2f}× | {mfu} |"
         )
     lines += [
         "",
@@ -332,6 +380,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny sizes on CPU (a few minutes)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 SXM dense bf16)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads on CPU")
+    parser.add_argument("--experts-backend", default="auto", help="model.moe.experts_backend of the VLMs")
     parser.add_argument("--output", type=Path, default=None, help="write the table here (default: print only)")
     parser.add_argument("--only", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--target", default=None, help=argparse.SUPPRESS)
@@ -344,15 +393,15 @@ def main() -> None:
     if not args.small and not torch.cuda.is_available():
         raise SystemExit("the GPU preset needs CUDA; use --small on CPU")
     load_before = os.getloadavg()
-    rows = [child("dense", args), child("asymoe", args)]
-    rows.append(child("mixtral", args, target={"activated": rows[1]["activated"]}))
+    rows = [child("dense", args), child("vanilla_moe", args), child("asymoe", args)]
+    rows.append(child("mixtral", args, target={"activated": rows[2]["activated"]}))  # AsyMoE's size
     report = write_report(rows, p, args, (load_before, os.getloadavg()))
     print(report)
     if args.output is not None:
         write_section(args.output, "small" if args.small else "gpu", report)
 
 
-HEADER = """# Training throughput: dense vs AsyMoE vs Mixtral (same activated size)
+HEADER = """# Training throughput: dense vs vanilla MoE vs AsyMoE vs Mixtral, activated TFLOP/s
 
 Written by `benchmarks/train_throughput.py` (its docstring says what is timed: the language models
 under FSDP2 on synthetic LLaVA-shaped batches, vision encoder bypassed). One section per preset;
@@ -361,7 +410,8 @@ a run replaces its own section.
 """
 NOT_MEASURED = """### GPU
 
-not measured (no GPU in the session that wrote this file); run `python benchmarks/train_throughput.py --output benchmarks/results/train_throughput.md` on one.
+not measured (no GPU in the session that wrote this file); run
+`python benchmarks/train_throughput.py --output benchmarks/results/train_throughput.md` on one.
 """
 
 
@@ -375,7 +425,9 @@ def write_section(path: Path, preset: str, report: str) -> None:
             if b in text and e in text:
                 sections[name] = text[text.index(b) + len(b) : text.index(e)].strip("\n") + "\n"
     sections[preset] = report
-    body = "".join(f"<!-- {name}: begin -->\n{sections[name].rstrip()}\n<!-- {name}: end -->\n\n" for name in ("gpu", "small"))
+    body = "".join(
+        f"<!-- {name}: begin -->\n{sections[name].rstrip()}\n<!-- {name}: end -->\n\n" for name in ("gpu", "small")
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(HEADER + body)
 
