@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,11 +135,12 @@ def test_extends_inherits_keys_with_paths_relative_to_the_file_that_wrote_them(t
     assert [cell.name for cell in cells] == [f"variant=inherited__routing.top_k={k}__seed=5" for k in (1, 2)]
     grid_lib.validate(grid, cells)
     assert cells[0].config["optim.lr"] == 0.002 and cells[0].config["data.limit_train"] == 10
-    # The grid's identity covers the files it extends: editing the preset makes it another grid.
+    # The grid's identity covers the keys of the files it extends (not their comments).
     before = grid.sha256
-    (tmp_path / "shared" / "_presets.yaml").write_text(
-        (tmp_path / "shared" / "_presets.yaml").read_text() + "\n# edit\n"
-    )
+    preset = tmp_path / "shared" / "_presets.yaml"
+    preset.write_text(preset.read_text() + "\n# a comment\n")
+    assert grid_lib.load_grid(path, quick=True).sha256 == before
+    preset.write_text(preset.read_text().replace("data.limit_train=10", "data.limit_train=20"))
     assert grid_lib.load_grid(path, quick=True).sha256 != before
 
 
@@ -446,3 +448,78 @@ def test_rerun_runs_only_the_failed_cell(resumed_grid):
     assert out.count("finished earlier") == 2 and out.count("==> cell") == 1
     rows = list(csv.DictReader(open(resumed_grid["grid_dir"] / "summary.csv")))
     assert [row["status"] for row in rows] == ["finished", "finished", "1 failed"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The same grid directory run in parallel (--jobs 2) and through submitit's local executor
+
+
+def _copy_grid_dir(resumed_grid, target: Path) -> Path:
+    shutil.copytree(resumed_grid["grid_dir"], target)
+    return target
+
+
+def _metrics(cell_dir: Path) -> dict:
+    return json.loads((cell_dir / "metrics.json").read_text())
+
+
+def test_parallel_run_resumes_and_matches_the_sequential_metrics(resumed_grid, tmp_path, monkeypatch):
+    """--jobs 2 over a copy of the sequential grid with its 2nd cell gone: the 1st is kept, the 2nd
+    reruns next to the broken 3rd, and its metrics equal the sequential run's (same seed)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # CPU slots even where GPUs are visible
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    slot = f"{threads} CPU thread{'s' if threads > 1 else ''}"
+    grid_dir = _copy_grid_dir(resumed_grid, tmp_path / "parallel")
+    first, second, broken = (grid_dir / "cells" / cell.name for cell in resumed_grid["cells"])
+    kept = (first / "metrics.json").stat().st_mtime_ns
+    shutil.rmtree(second)
+    code, out, _ = run_main(["grid", str(resumed_grid["path"]), "--output", str(grid_dir), "--jobs", "2"])
+    assert code == 1 and (first / "metrics.json").stat().st_mtime_ns == kept
+    assert f"cell 1 of 3: {first.name}: finished earlier" in out and f"up to 2 at once: {slot}, {slot}" in out
+    assert f"==> cell 2 of 3: {second.name} [{slot}]" in out and f"[{second.name}] " in out
+    sequential = _metrics(resumed_grid["cells"][1])
+    parallel = _metrics(second)
+    assert parallel["test/accuracy"] == sequential["test/accuracy"]
+    assert parallel["test/lm_loss"] == pytest.approx(sequential["test/lm_loss"], rel=1e-5)
+    assert parallel["train/loss"] == pytest.approx(sequential["train/loss"], rel=1e-5)
+    status = json.loads((broken / "status.json").read_text())
+    assert status["status"] == "failed" and "image not found" in status["error"]
+    rows = list(csv.DictReader(open(grid_dir / "summary.csv")))
+    assert [row["status"] for row in rows] == ["finished", "finished", "1 failed"]
+
+
+def test_submitit_local_resubmits_a_vanished_job_with_resume_last(resumed_grid, tmp_path):
+    """A cell whose recorded job is gone and left no metrics.json is resubmitted, continuing from its
+    checkpoint; a finished cell is not. Same code path as --launcher slurm, jobs as local processes."""
+    grid_dir = _copy_grid_dir(resumed_grid, tmp_path / "submitit")
+    first, second = (grid_dir / "cells" / cell.name for cell in resumed_grid["cells"][:2])
+    kept = (first / "metrics.json").stat().st_mtime_ns
+    (second / "metrics.json").unlink()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (second / "status.json").write_text(
+        json.dumps({"status": "running", "job_id": str(gone.pid), "launcher": "submitit-local"})
+    )
+    argv = [
+        "grid",
+        str(resumed_grid["path"]),
+        "--output",
+        str(grid_dir),
+        "--only",
+        "variant=top_*",
+        "--launcher",
+        "submitit-local",
+    ]
+    code, out, err = run_main(argv + ["--wait"])
+    assert code == 0, out + err
+    assert f"cell 1 of 2: {first.name}: finished" in out and (first / "metrics.json").stat().st_mtime_ns == kept
+    assert f"cell 2 of 2: {second.name}: submitted job" in out and "with trainer.resume=last (was vanished" in out
+    status = json.loads((second / "status.json").read_text())
+    assert status["status"] == "finished"
+    log = (second / "log.txt").read_text()
+    assert log.count("$ ") == 2 and "trainer.resume=last" in log.split("$ ")[-1].splitlines()[0]
+    assert _metrics(second)["test/accuracy"] == _metrics(resumed_grid["cells"][1])["test/accuracy"]
+    assert list((second / "slurm").glob("*_0_log.out"))  # submitit's own log, inside the cell
+    # Run again: nothing to submit, every selected cell is finished.
+    code, out, _ = run_main(argv)
+    assert code == 0 and "submitted" not in out and out.count(": finished") >= 2

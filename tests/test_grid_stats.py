@@ -114,7 +114,10 @@ def test_summary_compares_each_group_with_the_reference(tmp_path):
     # FLOP proxy: 2 x activated parameters per token.
     assert int(moe["flops/vision_token"]) == 3000 and int(dense["flops/language_token"]) == 800
     md = (grid_dir / "summary.md").read_text()
-    assert "| moe | 3/3 |  | 1,500 | 400 | 3k | 800 | 8s | 11s | 5.0000 ± 1.0000 |" in md and "+3.0000 [+0.7330, +5.2670] *" in md
+    assert (
+        "| moe | 3/3 |  | 1,500 | 400 | 3k | 800 | 8s | 11s | 5.0000 ± 1.0000 |" in md
+        and "+3.0000 [+0.7330, +5.2670] *" in md
+    )
     assert "Welch's unequal-variance t-test" in md and "FLOPs/token ≈ 2 × activated parameters" in md
     assert (
         "| test/accuracy | variant=moe | 3 | 5.0000 ± 1.0000 | [2.5159, 7.4841] "

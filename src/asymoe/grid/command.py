@@ -95,13 +95,17 @@ def run_cli(args) -> int:
     write_json_atomic(grid_dir / SPEC_FILE, grid_spec(grid, cells))
     if args.launcher != "local":
         job_ids = {name: job_id for name, (_, job_id) in jobs.items()}
-        failed = slurm.launch(grid_dir, selected, states, job_ids, args.launcher, options, grid.metric, args.wait)
+        failed = slurm.launch(grid_dir, selected, states, job_ids, args.launcher, options, args.wait)
     else:
         with terminate_as_interrupt():
             if args.jobs > 1:
                 failed = run_parallel(grid, grid_dir, selected, states, args.jobs)
             else:
                 failed = run_sequential(grid, grid_dir, selected, states)
+    if getattr(args, "analyze", False):
+        from asymoe.analysis.cells import analyze_cells
+
+        failed += analyze_cells(selected, grid_dir)
     paths, _ = write_report(grid_dir)
     finished = sum(cell_state(grid_dir / CELLS_DIR / cell.name) == "finished" for cell in selected)
     print(

@@ -76,7 +76,8 @@ def device_slots(jobs: int, gpus: list[str], cpu_count: int) -> list[Slot]:
         shares = [gpus[i * share : (i + 1) * share] for i in range(jobs)]
         return [Slot(f"GPU {','.join(ids)}", {"CUDA_VISIBLE_DEVICES": ",".join(ids)}) for ids in shares]
     threads = max(1, cpu_count // jobs)
-    return [Slot(f"{threads} CPU threads", dict.fromkeys(THREAD_VARIABLES, str(threads))) for _ in range(jobs)]
+    label = f"{threads} CPU thread{'s' if threads > 1 else ''}"
+    return [Slot(label, dict.fromkeys(THREAD_VARIABLES, str(threads))) for _ in range(jobs)]
 
 
 class PrefixedLines:

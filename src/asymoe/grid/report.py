@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from asymoe.analysis.cells import analysis_scalars
 from asymoe.config import ConfigError
 from asymoe.files import METRICS_FILE, read_json
 from asymoe.grid import stats
@@ -85,7 +86,7 @@ def load_rows(grid_dir: Path) -> tuple[dict, list[GroupRow]]:
         state = cell_state(cell_dir)
         row.states.append(state)
         if state == "finished":
-            row.metrics.append(read_json(cell_dir / METRICS_FILE) or {})
+            row.metrics.append({**(read_json(cell_dir / METRICS_FILE) or {}), **analysis_scalars(cell_dir)})
     return spec, list(rows.values())
 
 
@@ -152,13 +153,13 @@ def ci_text(summary: MetricSummary) -> str:
 
 
 def difference_text(row: GroupRow, summary: MetricSummary) -> str:
-    if summary.reference is None:
+    if summary.reference is None or not summary.n:
         return ""
     if summary.reference == row.group:
         return "reference"
     d = summary.difference
     if d is None:
-        return "n/a" if summary.n else ""
+        return "n/a"
     mark = f" {stats.NOISE_MARK}" if d.beyond_noise else ""
     return f"{_number(d.diff, sign=True)} [{_number(d.low, sign=True)}, {_number(d.high, sign=True)}]{mark}"
 

@@ -162,8 +162,8 @@ def prepare_cell_dir(cell: Cell, cell_dir: Path) -> None:
     )
 
 
-def record_outcome(cell_dir: Path, started: float, returncode: int, last_line: str) -> dict:
-    """Write the cell's final status.json (finished | failed) and return it."""
+def record_outcome(cell_dir: Path, started: float, returncode: int, last_line: str, job: dict | None = None) -> dict:
+    """Write the cell's final status.json (finished | failed), with `job` (its id, launcher) if any; return it."""
     seconds = time.time() - started
     if returncode == 0:
         status = {"status": "finished", "started": started, "seconds": seconds}
@@ -177,6 +177,7 @@ def record_outcome(cell_dir: Path, started: float, returncode: int, last_line: s
             "started": started,
             "seconds": seconds,
         }
+    status.update(job or {})
     write_json_atomic(cell_dir / STATUS_FILE, status)
     return status
 

@@ -20,6 +20,7 @@ the tests exercise it without a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -38,6 +39,8 @@ CHECKPOINT = Path("checkpoints") / "last.ckpt"
 QUEUED_STATES = ("PENDING", "REQUEUED", "CONFIGURING", "RESIZING", "SUSPENDED", "READY")
 RUNNING_STATES = ("RUNNING", "COMPLETING")
 POLL_SECONDS = 2.0  # --wait: how often the scheduler is asked
+# submitit's local executor stops a job after 2 minutes unless told otherwise; a cell may take days.
+LOCAL_TIME_LIMIT_MIN = 7 * 24 * 60
 
 
 def sbatch_parameters(options: dict, job_name: str) -> dict:
@@ -57,7 +60,7 @@ def make_executor(launcher: str, folder: Path, options: dict, job_name: str):
         executor.update_parameters(**sbatch_parameters(options, job_name))
         return executor
     executor = submitit.LocalExecutor(folder=folder)
-    executor.update_parameters(tasks_per_node=1, **({"timeout_min": options["time"]} if "time" in options else {}))
+    executor.update_parameters(tasks_per_node=1, timeout_min=options.get("time", LOCAL_TIME_LIMIT_MIN))
     return executor
 
 
@@ -84,7 +87,7 @@ class CellJob:
 
     cell: Cell
     cell_dir: Path
-    metric: str
+    launcher: str
 
     def __call__(self) -> int:
         import submitit
@@ -97,9 +100,10 @@ class CellJob:
             return subprocess.run(command, stdin=subprocess.DEVNULL, check=False).returncode
         started = time.time()
         job_id = submitit.JobEnvironment().job_id
-        write_json_atomic(self.cell_dir / STATUS_FILE, {"status": "running", "job_id": job_id, "started": started})
+        job = {"job_id": job_id, "launcher": self.launcher}
+        write_json_atomic(self.cell_dir / STATUS_FILE, {"status": "running", "started": started, **job})
         returncode, last_line = run_cell(self.cell, self.cell_dir, command=command)
-        status = record_outcome(self.cell_dir, started, returncode, last_line)
+        status = record_outcome(self.cell_dir, started, returncode, last_line, job)
         if returncode != 0:
             raise RuntimeError(f"cell {self.cell.name} failed: {status['error']}")
         return returncode
@@ -108,20 +112,28 @@ class CellJob:
         """Requeued after a timeout or preemption: the next attempt resumes from the last checkpoint."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(CellJob(self.cell, self.cell_dir, self.metric))
+        return submitit.helpers.DelayedSubmission(CellJob(self.cell, self.cell_dir, self.launcher))
 
 
 def job_state(launcher: str, folder: Path, job_id: str) -> str:
     """queued | running | ended | vanished (the scheduler no longer knows the id)."""
-    if launcher == "submitit-local":  # a local job id is the controller's process id
-        try:
-            os.kill(int(job_id), 0)
-        except (ProcessLookupError, ValueError):
-            return "ended" if any(folder.glob(f"{job_id}_*_result.pkl")) else "vanished"
-        except PermissionError:
-            return "running"
-        return "running"
+    if launcher == "submitit-local":
+        return _local_job_state(folder, job_id)
     return classify_slurm_state(_sacct_state(folder, job_id))
+
+
+def _local_job_state(folder: Path, job_id: str) -> str:
+    """A local job id is its controller's process id."""
+    try:
+        pid = int(job_id)
+        with contextlib.suppress(ChildProcessError):  # our own child: reap it if it has exited
+            os.waitpid(pid, os.WNOHANG)
+        os.kill(pid, 0)
+    except (ProcessLookupError, ValueError):
+        return "ended" if any(folder.glob(f"{job_id}_*_result.pkl")) else "vanished"
+    except PermissionError:  # another user's process: alive
+        pass
+    return "running"
 
 
 def _sacct_state(folder: Path, job_id: str) -> str:
@@ -147,7 +159,10 @@ def reconcile(cell_dir: Path, launcher: str) -> tuple[str, str | None]:
     state = cell_state(cell_dir)
     status = read_json(cell_dir / STATUS_FILE) or {}
     job_id = status.get("job_id")
-    if state == "finished" or job_id is None or status.get("launcher") != launcher:
+    # The job's own last word (finished | failed) needs no scheduler; neither does a cell without a job.
+    if state == "finished" or status.get("status") not in ("queued", "running") or job_id is None:
+        return state, job_id
+    if status.get("launcher") != launcher:
         return state, job_id
     scheduler = job_state(launcher, cell_dir / SLURM_DIR, str(job_id))
     if scheduler in ("queued", "running"):
@@ -157,18 +172,32 @@ def reconcile(cell_dir: Path, launcher: str) -> tuple[str, str | None]:
     return "failed", job_id
 
 
-def submit(cell: Cell, cell_dir: Path, launcher: str, options: dict, metric: str) -> str:
-    """Submit one cell; its directory is cleared first unless it has a checkpoint to resume from."""
+def submit(cell: Cell, cell_dir: Path, launcher: str, options: dict, fresh: bool = False) -> str:
+    """Submit one cell; its directory is cleared first unless it has a checkpoint to resume from.
+
+    `fresh`: clear it in any case (a stale cell: its checkpoint belongs to another config).
+    """
     from asymoe.grid.runner import prepare_cell_dir
 
-    resuming = (cell_dir / CHECKPOINT).exists()
+    resuming = (cell_dir / CHECKPOINT).exists() and not fresh
     if not resuming:
         prepare_cell_dir(cell, cell_dir)
     executor = make_executor(launcher, cell_dir / SLURM_DIR, options, job_name=cell.name)
-    job = executor.submit(CellJob(cell, cell_dir, metric))
+    job = executor.submit(CellJob(cell, cell_dir, launcher))
     status = {"status": "queued", "job_id": str(job.job_id), "launcher": launcher, "submitted": time.time()}
     write_json_atomic(cell_dir / STATUS_FILE, {**status, "resume": resuming})
     return str(job.job_id)
+
+
+def _job_ended(cell_dir: Path, launcher: str) -> bool:
+    """The cell's job has had its last word (status.json) or the scheduler says it is gone.
+
+    (metrics.json appears a moment before the job writes its final status and exits.)
+    """
+    status = read_json(cell_dir / STATUS_FILE) or {}
+    if status.get("status") not in ("queued", "running") or status.get("job_id") is None:
+        return True
+    return job_state(launcher, cell_dir / SLURM_DIR, str(status["job_id"])) not in ("queued", "running")
 
 
 def launch(
@@ -178,7 +207,6 @@ def launch(
     job_ids: dict[str, str | None],
     launcher: str,
     options: dict,
-    metric: str,
     wait: bool,
 ) -> list[str]:
     """Submit every selected cell that is neither finished nor queued / running; return the failed ones.
@@ -193,19 +221,17 @@ def launch(
         if state in ("finished", "queued", "running"):
             print(f"{heading}: {state}" + (f" (job {old_job})" if old_job and state != "finished" else ""), flush=True)
             continue
-        resume = " with trainer.resume=last" if (cell_dir / CHECKPOINT).exists() else ""
-        job_id = submit(cell, cell_dir, launcher, options, metric)
+        fresh = state == "stale"
+        resume = " with trainer.resume=last" if (cell_dir / CHECKPOINT).exists() and not fresh else ""
+        job_id = submit(cell, cell_dir, launcher, options, fresh)
         was = "" if state == "missing" else f" (was {state}{f', job {old_job}' if old_job else ''})"
         print(f"{heading}: submitted job {job_id}{resume}{was}", flush=True)
     if not wait:
         print("run the same command again to see the jobs' states and resubmit what ended unfinished")
         return []
-    states = {}
-    while True:
-        states = {cell.name: reconcile(grid_dir / CELLS_DIR / cell.name, launcher)[0] for cell in selected}
-        if not any(state in ("queued", "running") for state in states.values()):
-            break
+    while not all(_job_ended(grid_dir / CELLS_DIR / cell.name, launcher) for cell in selected):
         time.sleep(POLL_SECONDS)
+    states = {cell.name: reconcile(grid_dir / CELLS_DIR / cell.name, launcher)[0] for cell in selected}
     for index, cell in enumerate(selected, 1):
         print(f"cell {index} of {len(selected)}: {cell.name}: {states[cell.name]}", flush=True)
     return [name for name, state in states.items() if state != "finished"]
