@@ -8,13 +8,14 @@ Layout of a data set directory (`<cache_dir>/<hash of the generation parameters>
     manifest.json                                   parameters and counts; written last
 
 The whole directory is built under a temporary name and renamed into place, so an interrupted
-generation is never mistaken for a complete one, and concurrent runs (grid cells) agree on the
-first complete copy. Everything is a function of the parameters: the same seed gives
-byte-identical files.
+generation is never mistaken for a complete one; a lock file next to it makes concurrent runs
+(grid cells) wait for one generation instead of each doing it. Everything is a function of the
+parameters: the same seed gives byte-identical files.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -73,17 +74,18 @@ def ensure_dataset(scenes) -> Path:
     if (final / MANIFEST).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; a shared cache should be readable
-    try:
-        write_dataset(scenes, staging)
+    # One generator at a time per data set (grid cells start together); the others wait and reuse it.
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / MANIFEST).is_file():
+            return final
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        staging.chmod(0o755)  # mkdtemp makes it private; a shared cache should be readable
         try:
+            write_dataset(scenes, staging)
             staging.rename(final)
-        except OSError:
-            if not (final / MANIFEST).is_file():  # not another run's complete copy: a real error
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
