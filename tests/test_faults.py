@@ -57,6 +57,23 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(scenario, seed, referen
         assert len(notice) == 1 and "last.ckpt is corrupt (" in notice[0] and "the newest good checkpoint" in notice[0]
 
 
+@pytest.fixture(scope="module")
+def fsdp2_reference(tmp_path_factory):
+    return faults.reference_run(OVERRIDES + faults.FSDP2_OVERRIDES, tmp_path_factory.mktemp("fsdp2"), fsdp2=True)
+
+
+# Three 2-process runs per scenario (the reference is shared): minutes on a 2-core machine.
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario, seed", [("fsdp2_kill_at_step", 3), ("fsdp2_kill_in_swap", 1)])
+def test_fsdp2_killed_run_resumes_to_the_uninterrupted_weights(scenario, seed, fsdp2_reference, tmp_path):
+    outcome = faults.run_scenario(scenario, OVERRIDES + faults.FSDP2_OVERRIDES, fsdp2_reference, tmp_path, seed)
+    assert outcome.survived, outcome.detail
+    assert outcome.resumed_from_step in (2, 4) and outcome.max_abs_diff <= 1e-5
+    if scenario == "fsdp2_kill_in_swap":  # last.ckpt was moved aside: a complete step-4 folder is found
+        assert outcome.resumed_from_step == 4
+        assert any("last.ckpt not found" in n and "(step 4)" in n for n in outcome.notices), outcome.notices
+
+
 def _corrupted_copy(run_dir, tmp_path, how: str):
     source = run_dir / "checkpoints" / "last.ckpt"
     target = tmp_path / "checkpoints" / "last.ckpt"
@@ -228,7 +245,14 @@ def test_nonfinite_gradient_and_loss_steps_are_skipped(tmp_path):
     param = "model.projector.0.weight"
     injected = Inject(nan_pixels_at=3, nan_grad_at=2, param=param)
     cfg = config_lib.load(
-        "asymoe", TINY + [f"output_dir={tmp_path / 'run'}", "trainer.max_steps=4", "trainer.nonfinite=skip"]
+        "asymoe",
+        TINY
+        + [
+            f"output_dir={tmp_path / 'run'}",
+            "trainer.max_steps=4",
+            "trainer.nonfinite=skip",
+            "data.images_per_batch=1",
+        ],
     )
     metrics = fit(cfg, callbacks=[injected])
     assert metrics["train/nonfinite_skipped"] == 2

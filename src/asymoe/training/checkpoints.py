@@ -105,12 +105,22 @@ def save_checkpoint_file(checkpoint: dict, path: Path) -> None:
     record = _record_of_bytes(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     records = [record]
-    if path.is_file() and sidecar(path).is_file():
-        previous = json.loads(sidecar(path).read_text()).get("records", [])
-        records += previous[:1]  # the file now in place stays valid until the rename below
+    if path.is_file():
+        records += _records_of_current(path)  # the file now in place stays valid until the rename below
     _write_json_durable(sidecar(path), {"records": records})
     _write_durable(path, data)
     _write_json_durable(sidecar(path), {"records": [record]})
+
+
+def _records_of_current(path: Path) -> list[dict]:
+    """The record(s) of the file at `path`: from its sidecar when the size fits, else hashed now."""
+    try:
+        listed = json.loads(sidecar(path).read_text()).get("records", [])
+    except (OSError, ValueError, AttributeError):
+        listed = []
+    size = path.stat().st_size
+    fitting = [r for r in listed if isinstance(r, dict) and r.get("size") == size]
+    return fitting or [file_record(path)]
 
 
 def remove_checkpoint(path: Path) -> None:
@@ -206,7 +216,7 @@ def verify_checkpoint(path: Path) -> None:
     elif path.is_file():
         _verify_file(path)
     else:
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint {path} not found")
 
 
 def checkpoint_candidates(folder: Path) -> list[Path]:
@@ -231,7 +241,7 @@ def newest_good_checkpoint(folder: Path, exclude: Path | None = None) -> tuple[P
         try:
             verify_checkpoint(candidate)
             step = int(checkpoint_metadata(candidate).get("global_step", -1))
-        except (CheckpointError, Exception):  # any unreadable candidate is simply not good
+        except Exception:  # CheckpointError or an unreadable file: either way not a good candidate
             continue
         good.append((step, candidate.stat().st_mtime, candidate))
     if not good:

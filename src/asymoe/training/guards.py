@@ -48,12 +48,17 @@ def nonfinite_loss_terms(lm_loss: torch.Tensor | None, model: nn.Module) -> list
 
 
 def nonfinite_gradients(module: nn.Module) -> list[str]:
-    """Names of the parameters whose gradient (this rank's shard) holds a NaN or Inf."""
-    return [
-        name
-        for name, param in module.named_parameters()
-        if param.grad is not None and not _is_finite(_local(param.grad))
-    ]
+    """Names of the parameters whose gradient (this rank's shard) holds a NaN or Inf.
+
+    One device sync for the whole model (the per-parameter flags are stacked first).
+    """
+    named = [(name, param.grad) for name, param in module.named_parameters() if param.grad is not None]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(_local(grad)).all() for _, grad in named])
+    if bool(finite.all()):
+        return []
+    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
 
 
 def first_nonfinite_module(model: nn.Module, run_forward: Callable[[], object], prefix: str = "model") -> str | None:

@@ -109,16 +109,7 @@ def fit(cfg: Config, callbacks: list | None = None, overwrite: bool = False) -> 
     config_lib.save(cfg, run_dir / CONFIG_FILE)
     tokenizer.save(run_dir)
 
-    checkpoint = ModelCheckpoint(
-        dirpath=str(run_dir / CHECKPOINT_DIR),
-        filename="best-{epoch}-{step}",
-        monitor="val/accuracy",
-        mode="max",
-        save_last=True,
-        save_top_k=1,
-        # The directory is this run's alone (claim_run_directory): replace files, never add `-v1` copies.
-        enable_version_counter=False,
-    )
+    checkpoint = _checkpoint_callback(run_dir)
     trainer = build_trainer(
         cfg,
         run_dir,
@@ -130,8 +121,7 @@ def fit(cfg: Config, callbacks: list | None = None, overwrite: bool = False) -> 
     train_loader = shard_loader(datamodule.train_dataloader(), trainer.global_rank, trainer.world_size)
     if resume_metadata is not None and (loader_state := saved_loader_state(resume_metadata)) is not None:
         train_loader.load_state_dict(loader_state)
-    origins = [sample.origin for sample in datamodule.samples["train"]]
-    guard = NonFiniteGuard(cfg.trainer.nonfinite, lambda: train_loader.current_indices, origins)
+    guard = _nonfinite_guard(cfg, train_loader, datamodule)
     trainer.callbacks.append(guard)
     trainer.fit(
         module,
@@ -142,6 +132,7 @@ def fit(cfg: Config, callbacks: list | None = None, overwrite: bool = False) -> 
     )
     train_seconds = time.time() - started
     fit_metrics = _scalar_metrics(trainer.callback_metrics)
+    skipped_steps = guard.skipped  # read before testing the best checkpoint restores an older count
     ckpt_path = checkpoint.best_model_path or None
     test_results = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False, weights_only=True)
     metrics = {
@@ -151,11 +142,31 @@ def fit(cfg: Config, callbacks: list | None = None, overwrite: bool = False) -> 
         "time/train_s": train_seconds,
         "time/total_s": time.time() - started,
         "data/skipped": sum(datamodule.skipped.values()),
-        "train/nonfinite_skipped": guard.skipped,
+        "train/nonfinite_skipped": skipped_steps,
     }
     if trainer.global_rank == 0:
         _write_results(trainer, cfg, run_dir, ckpt_path, metrics)
     return metrics
+
+
+def _checkpoint_callback(run_dir: Path) -> ModelCheckpoint:
+    """The best checkpoint by validation accuracy and the last one, in run_dir/checkpoints."""
+    return ModelCheckpoint(
+        dirpath=str(run_dir / CHECKPOINT_DIR),
+        filename="best-{epoch}-{step}",
+        monitor="val/accuracy",
+        mode="max",
+        save_last=True,
+        save_top_k=1,
+        # The directory is this run's alone (claim_run_directory): replace files, never add `-v1` copies.
+        enable_version_counter=False,
+    )
+
+
+def _nonfinite_guard(cfg: Config, train_loader, datamodule: VQADataModule) -> NonFiniteGuard:
+    """The guard of `trainer.nonfinite`, able to name the records of the batch being trained on."""
+    origins = [sample.origin for sample in datamodule.samples["train"]]
+    return NonFiniteGuard(cfg.trainer.nonfinite, lambda: train_loader.current_indices, origins)
 
 
 def _write_results(trainer: L.Trainer, cfg: Config, run_dir: Path, ckpt_path: str | None, metrics: dict) -> None:
