@@ -39,7 +39,7 @@ from asymoe.data.scenes.splits import (
 from asymoe.data.scenes.world import Scene, TypePrior, blank_image, render
 from asymoe.data.tokenizer import IMAGE_TOKEN
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 MANIFEST = "manifest.json"
 TEST_SPLITS = ("test_iid", "test_prior_shift", "test_blind", *(f"test_pope_{s}" for s in POPE_SAMPLINGS))
 # Split name -> its JSON file (the iid test is LLaVA's plain test.json).

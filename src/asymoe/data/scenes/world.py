@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from asymoe.data.records import DataError
+
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 165, 60),
@@ -89,18 +91,27 @@ def sample_scene(rng: random.Random, prior: TypePrior, num_objects: tuple[int, i
     for _ in range(count):
         candidates = [t for t in weights if t not in chosen]
         chosen.append(rng.choices(candidates, [weights[t] for t in candidates])[0])
-    objects: list[SceneObject] = []
-    for colour, shape in chosen:
-        size = rng.choice(SIZES)
+    sizes = [rng.choice(SIZES) for _ in chosen]
+    for _ in range(100):  # a crowded layout can block the last objects: lay the scene out again
+        positions = _place(rng, sizes)
+        if positions is not None:
+            return tuple(SceneObject(c, s, size, x, y) for (c, s), size, (x, y) in zip(chosen, sizes, positions))
+    raise DataError(f"data.scenes: {count} objects do not fit in a scene; lower data.scenes.max_objects")
+
+
+def _place(rng: random.Random, sizes: list[str]) -> list[tuple[float, float]] | None:
+    """Non-overlapping centres (with a gap) for objects of these sizes, or None if one found no room."""
+    placed: list[tuple[float, float, float]] = []
+    for size in sizes:
         half = HALF_EXTENT[size]
-        for _ in range(1000):
-            x, y = rng.uniform(half, 1 - half), rng.uniform(half, 1 - half)
-            if all(math.hypot(x - o.x, y - o.y) > half + HALF_EXTENT[o.size] + 0.02 for o in objects):
+        for _ in range(200):
+            x, y = round(rng.uniform(half, 1 - half), 4), round(rng.uniform(half, 1 - half), 4)
+            if all(math.hypot(x - px, y - py) > half + other + 0.02 for px, py, other in placed):
+                placed.append((x, y, half))
                 break
         else:
-            raise RuntimeError("scene: no room for the objects; lower data.scenes.max_objects")
-        objects.append(SceneObject(colour, shape, size, round(x, 4), round(y, 4)))
-    return tuple(objects)
+            return None
+    return [(x, y) for x, y, _ in placed]
 
 
 def render(scene: Scene, size: int) -> Image.Image:
