@@ -11,18 +11,33 @@ from PIL import Image
 from asymoe.config import load
 from asymoe.data.datamodule import VQADataModule
 from asymoe.data.records import DataError, ImageGroupedBatchSampler, Record, encode_record
-from asymoe.data.sources import easy_vqa_question_type
+from asymoe.data.sources import easy_vqa_question_type, load_llava_json
 from asymoe.data.tokenizer import WordTokenizer
-
 from conftest import TINY
 
 
 def test_encoded_masks():
     tokenizer = WordTokenizer.build(["what shape is it ?", "circle"])
-    record = Record(turns=[("user", "<image>\nwhat shape is it?"), ("assistant", "circle")], image_key="img", origin="t:0")
+    record = Record(
+        turns=[("user", "<image>\nwhat shape is it?"), ("assistant", "circle")], image_key="img", origin="t:0"
+    )
     enc = encode_record(record, tokenizer, num_image_tokens=3)
     words = [tokenizer.vocab[i] for i in enc.input_ids]
-    assert words == ["<bos>", "<user>", "<image>", "<image>", "<image>", "what", "shape", "is", "it", "?", "<assistant>", "circle", "<eos>"]
+    assert words == [
+        "<bos>",
+        "<user>",
+        "<image>",
+        "<image>",
+        "<image>",
+        "what",
+        "shape",
+        "is",
+        "it",
+        "?",
+        "<assistant>",
+        "circle",
+        "<eos>",
+    ]
     assert enc.evidence == [False, False] + [True] * 8 + [False, False, False]
     assert enc.answer == [False] * 11 + [True, True]
     assert [tokenizer.vocab[i] if i >= 0 else None for i in enc.labels] == [None] * 11 + ["circle", "<eos>"]
@@ -70,7 +85,10 @@ def write_llava(tmp_path, records):
     return path, images
 
 
-GOOD = {"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nwhat is it?"}, {"from": "gpt", "value": "nothing"}]}
+GOOD = {
+    "image": "ok.png",
+    "conversations": [{"from": "human", "value": "<image>\nwhat is it?"}, {"from": "gpt", "value": "nothing"}],
+}
 
 
 def test_llava_json_errors_name_file_and_record(tmp_path):
@@ -98,9 +116,30 @@ def test_llava_json_trains_through_cli(tmp_path, capsys):
     path, images = write_llava(tmp_path, [GOOD] * 6)
     out = tmp_path / "run"
     code = cli.main(
-        ["fit", "moiie", *TINY, "data.source=llava_json", f"data.train_path={path}", f"data.val_path={path}",
-         f"data.test_path={path}", f"data.image_root={images}", "trainer.val_check_interval=1.0", f"output_dir={out}"]
+        [
+            "fit",
+            "moiie",
+            *TINY,
+            "data.source=llava_json",
+            f"data.train_path={path}",
+            f"data.val_path={path}",
+            f"data.test_path={path}",
+            f"data.image_root={images}",
+            "trainer.val_check_interval=1.0",
+            f"output_dir={out}",
+        ]
     )
     assert code == 0
     assert (out / "metrics.json").is_file()
     assert "test accuracy:" in capsys.readouterr().out
+
+
+def test_llava_json_question_type_and_answer_group(tmp_path):
+    """asymoe's optional record keys are read onto the records; a non-string value names the record."""
+    tagged = {**GOOD, "question_type": "count", "answer_group": "tail"}
+    path, images = write_llava(tmp_path, [GOOD, tagged])
+    split = load_llava_json(str(path), str(images), "raise")
+    assert [(r.question_type, r.answer_group) for r in split.records] == [(None, None), ("count", "tail")]
+    path, images = write_llava(tmp_path, [{**GOOD, "question_type": 3}])
+    with pytest.raises(DataError, match=f"{path}:0: 'question_type' must be a string"):
+        load_llava_json(str(path), str(images), "raise")
