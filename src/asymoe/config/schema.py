@@ -18,8 +18,12 @@ from asymoe.layout import Modality, RoutingMode
 
 Task = Literal["vqa", "intent"]
 ProjectorKind = Literal["mlp2x_gelu", "linear"]
-# Hugging Face model types whose decoder layers carry a gated (gate/up/down) MLP we can upcycle.
-LMArch = Literal["llama", "qwen2", "mistral"]
+# The parts of the model a training stage may train (asymoe.training.stages).
+TrainableModule = Literal["vision", "projector", "lm", "experts", "routers"]
+# PIL resampling filters timm pretrained configs name.
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
+# Hugging Face model types a scratch LM may be built as (gated MLPs; any local causal LM loads by path).
+LMArch = Literal["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "olmo2", "granite"]
 # ffn: gated FFN experts; evidence: AsyMoE evidence-priority experts (language group only).
 ExpertKind = Literal["ffn", "evidence"]
 # AsyMoE hyperbolic inter-modality experts (shared group only) or the Euclidean FFN.
@@ -58,7 +62,13 @@ class VisionConfig:
     # Extra keyword arguments for timm.create_model (e.g. channels for a small ResNet).
     model_kwargs: dict = field(default_factory=dict)
     pretrained_path: str | None = None
-    image_size: int = 64
+    # Preprocessing; None = from the timm model's pretrained config (input size, mean, std, interpolation).
+    image_size: int | None = 64
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    interpolation: Interpolation | None = None
+    # Keep a ViT's class (and register) tokens in front of its patch tokens.
+    keep_prefix_tokens: bool = False
     # Which feature level supplies the tokens: -1 = last; an index into forward_intermediates.
     select_layer: int = -1
     freeze: bool = False
@@ -283,6 +293,19 @@ class LoggingConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a multi-stage run (asymoe.training.stages): what trains and what changes.
+
+    `overrides` are `key.sub=value` items over the run's config (learning rates, data, epochs or
+    steps, model.moe.enabled, ...); modules not in `train` are frozen.
+    """
+
+    name: str = "stage"
+    train: list[TrainableModule] = field(default_factory=lambda: ["vision", "projector", "lm", "experts", "routers"])
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     experiment: str = "default"
     seed: int = 0
@@ -295,6 +318,8 @@ class Config:
     # vqa: the vision-language MoE models (model, data); intent: multimodal intent recognition (intent).
     task: Task = "vqa"
     intent: IntentConfig = field(default_factory=IntentConfig)
+    # Multi-stage training (e.g. projector alignment, then MoE fine-tuning); empty = one stage.
+    stages: list[StageConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # The file load() read (for messages): an attribute, not a schema key, so users cannot set it.

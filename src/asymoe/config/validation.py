@@ -80,7 +80,12 @@ def validate(cfg: Config) -> None:
 
 def _validate_model(cfg: Config, where: str) -> None:
     model = cfg.model
-    _positive(model.vision.image_size, "model.vision.image_size", where)
+    if model.vision.image_size is not None:
+        _positive(model.vision.image_size, "model.vision.image_size", where)
+    for key in ("mean", "std"):
+        values = getattr(model.vision, key)
+        if values is not None and (len(values) != 3 or (key == "std" and min(values) <= 0)):
+            raise ConfigError(f"{where}: model.vision.{key} must be 3 numbers (one per RGB channel), got {values}")
     _check_path(model.vision.pretrained_path, "model.vision.pretrained_path", where)
     _check_path(model.language.pretrained_path, "model.language.pretrained_path", where)
     language = model.language
@@ -137,7 +142,6 @@ def _validate_scenes(scenes, where: str) -> None:
         raise ConfigError(f"{where}: data.scenes.answer_skew and object_skew must be >= 0")
     if not 0 <= scenes.margin < 0.5:
         raise ConfigError(f"{where}: data.scenes.margin must be in [0, 0.5), got {scenes.margin}")
-
 
 
 def _validate_optim(cfg: Config, where: str) -> None:

@@ -27,24 +27,31 @@ from asymoe.data.records import (
 )
 from asymoe.data.sources import Split, load_easy_vqa, load_llava_json, load_scenes
 from asymoe.data.tokenizer import HFTokenizer, Tokenizer, WordTokenizer
+from asymoe.models.vision import Preprocessing, resolve_preprocessing
 
 log = logging.getLogger(__name__)
 CACHE_LIMIT = 20000
 
 
 class ImageStore:
-    """Loads images as normalised float tensors (3, size, size); caches small data sets in memory."""
+    """Loads images as normalised float tensors (3, size, size); caches small data sets in memory.
 
-    def __init__(self, paths: dict[str, str], size: int):
+    Size, interpolation, mean and std are the vision encoder's (`models.vision.resolve_preprocessing`).
+    """
+
+    def __init__(self, paths: dict[str, str], preprocessing: Preprocessing):
         self.paths = paths
-        self.size = size
+        self.size = preprocessing.size
+        self.resample = Image.Resampling[preprocessing.interpolation.upper()]
+        self.mean = torch.tensor(preprocessing.mean).view(3, 1, 1)
+        self.std = torch.tensor(preprocessing.std).view(3, 1, 1)
         self.cache: dict[str, torch.Tensor] | None = {} if len(paths) <= CACHE_LIMIT else None
 
     def _read(self, key: str) -> torch.Tensor:
         with Image.open(self.paths[key]) as image:
             image = image.convert("RGB")
             if image.size != (self.size, self.size):
-                image = image.resize((self.size, self.size), Image.BICUBIC)
+                image = image.resize((self.size, self.size), self.resample)
             array = np.asarray(image, dtype=np.uint8).copy()
         return torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W) uint8
 
@@ -55,7 +62,7 @@ class ImageStore:
             raw = self.cache.get(key)
             if raw is None:
                 raw = self.cache[key] = self._read(key)
-        return raw.float().div(255.0).sub(0.5).div(0.5)
+        return raw.float().div(255.0).sub(self.mean).div(self.std)
 
 
 class VQADataModule(L.LightningDataModule):
@@ -120,7 +127,7 @@ class VQADataModule(L.LightningDataModule):
                         raise
                     split.skipped += 1
             self.samples[name] = encoded
-            self.stores[name] = ImageStore(split.image_paths, self.config.model.vision.image_size)
+            self.stores[name] = ImageStore(split.image_paths, resolve_preprocessing(self.config.model.vision))
 
     @property
     def test_splits(self) -> list[str]:

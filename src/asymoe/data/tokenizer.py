@@ -38,6 +38,12 @@ class WordTokenizer:
     """Lower-cased words and punctuation; vocabulary built from the training text."""
 
     SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>", IMAGE_TOKEN, "<user>", "<assistant>")
+    # The framing `encode_record` writes, as a chat template for the exported tokenizer.
+    CHAT_TEMPLATE = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<user>{{ m['content'] }}"
+        "{% else %}<assistant>{{ m['content'] }}<eos>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     FILENAME = "tokenizer.json"
 
     def __init__(self, vocab: list[str]):
@@ -82,6 +88,27 @@ class WordTokenizer:
         data = json.loads((Path(directory) / cls.FILENAME).read_text())
         return cls(data["vocab"])
 
+    def to_hf(self):
+        """The same tokenizer as a transformers PreTrainedTokenizerFast (the `tokenizers` library):
+        identical ids for every text, so an exported run loads with AutoTokenizer."""
+        from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        backend = Tokenizer(models.WordLevel({token: i for i, token in enumerate(self.vocab)}, unk_token="<unk>"))
+        backend.normalizer = normalizers.Lowercase()
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"\w+|[^\w\s]"), behavior="isolated")]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            chat_template=self.CHAT_TEMPLATE,
+            pad_token="<pad>",
+            bos_token="<bos>",
+            eos_token="<eos>",
+            unk_token="<unk>",
+            additional_special_tokens=[IMAGE_TOKEN, "<user>", "<assistant>"],
+        )
+
 
 class HFTokenizer:
     """A Hugging Face tokenizer from a local directory, with `<image>` added as a special token."""
@@ -102,8 +129,12 @@ class HFTokenizer:
             raise ConfigError(f"model.language.pretrained_path: tokenizer in {path} has no eos token")
         self.bos_id = tok.bos_token_id if tok.bos_token_id is not None else self.eos_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
-        self.user_ids = tok.encode("USER:", add_special_tokens=False)
-        self.assistant_ids = tok.encode(" ASSISTANT:", add_special_tokens=False)
+        markers = chat_markers(tok)
+        if markers is None:
+            self.user_ids = tok.encode("USER:", add_special_tokens=False)
+            self.assistant_ids = tok.encode(" ASSISTANT:", add_special_tokens=False)
+        else:
+            self.user_ids, self.assistant_ids, self.eos_id = markers
 
     @property
     def vocab_size(self) -> int:
@@ -120,3 +151,35 @@ class HFTokenizer:
 
     def save(self, directory: Path) -> None:
         self.tokenizer.save_pretrained(str(Path(directory) / "tokenizer"))
+
+
+def chat_markers(tokenizer) -> tuple[list[int], list[int], int] | None:
+    """(user header, end-of-user + assistant header, end-of-turn id) from the tokenizer's chat template.
+
+    The template is rendered for two exchanges with sentinel contents; what lies between them is
+    the framing. A conversation then encodes as <bos> user-header question assistant-header answer
+    <end-of-turn>, as the template writes it, except that the template's default system prompt and
+    any text after the end-of-turn token (e.g. a newline) are not inserted. None: no template, or
+    one whose turns do not end with one special token (the plain `USER: ... ASSISTANT:` framing is used).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    sentinels = ["\x00q1\x00", "\x00a1\x00", "\x00q2\x00", "\x00a2\x00"]
+    messages = [{"role": role, "content": text} for role, text in zip(["user", "assistant"] * 2, sentinels)]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    parts, rest = [], text
+    for sentinel in sentinels:
+        if sentinel not in rest:
+            return None
+        before, rest = rest.split(sentinel, 1)
+        parts.append(before)
+    _, assistant_header, between, second_assistant_header = parts
+    end_ids = tokenizer.encode(rest, add_special_tokens=False)
+    if assistant_header != second_assistant_header or not end_ids or end_ids[0] not in tokenizer.all_special_ids:
+        return None
+    end_text = tokenizer.convert_ids_to_tokens(end_ids[0])
+    if not between.startswith(end_text):
+        return None
+    encode = lambda piece: tokenizer.encode(piece, add_special_tokens=False)  # noqa: E731
+    user_header = between[len(end_text) :].lstrip("\n")
+    return encode(user_header), encode(assistant_header), end_ids[0]

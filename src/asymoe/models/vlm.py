@@ -58,7 +58,7 @@ class VisionLanguageModel(nn.Module):
         runs the encoder and projector, on a zero-size batch: no cost, no BatchNorm statistics
         update (an empty batch leaves running mean/var unchanged), and exact-zero gradients.
         """
-        size = self.config.vision.image_size
+        size = self.vision.image_size
         empty = torch.zeros(0, 3, size, size, device=device)
         return 0.0 * self.encode_images(empty).sum()
 
