@@ -35,7 +35,7 @@ def shuffled_question(batch: dict, image_token_id: int, generator: torch.Generat
     question = batch["evidence_mask"] & batch["attention_mask"] & (input_ids != image_token_id)  # (B, S)
     for row in range(input_ids.shape[0]):
         positions = torch.where(question[row])[0]
-        order = torch.randperm(positions.numel(), generator=generator)
+        order = torch.randperm(positions.numel(), generator=generator).to(positions.device)
         input_ids[row, positions] = input_ids[row, positions[order]]
     return {**batch, "input_ids": input_ids}
 

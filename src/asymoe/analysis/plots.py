@@ -29,7 +29,9 @@ def _heatmap(axes, values: np.ndarray, rows: list[str], columns: list[str], vmin
     axes.set_yticks(range(len(rows)), rows, fontsize=8)
     for (i, j), value in np.ndenumerate(values):
         if np.isfinite(value):
-            axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+            # Sequential maps are dark at their low end, the diverging one light in its middle.
+            dark = cmap != "coolwarm" and (value - vmin) / (vmax - vmin) < 0.5
+            axes.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
     return image
 
 

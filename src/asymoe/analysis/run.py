@@ -23,7 +23,7 @@ from asymoe.analysis import conditions
 from asymoe.analysis.capture import capture
 from asymoe.analysis.cells import ANALYSIS_DIR
 from asymoe.analysis.results import build_results
-from asymoe.analysis.tally import AnalysisTally, expert_names
+from asymoe.analysis.tally import AnalysisTally, expert_columns, expert_names
 from asymoe.config import ConfigError
 from asymoe.data.datamodule import VQADataModule
 from asymoe.data.records import ImageGroupedBatchSampler, make_collate
@@ -177,11 +177,9 @@ def analyze(run_dir: str | Path, items: list[str] | None = None) -> dict:
     tally = analysis.run()
     model = module.model
     blocks = model.moe_blocks()
+    # Every MoE layer is built with the same groups, so the first block names the experts of all.
     experts = expert_names(blocks[0]) if blocks else []
-    groups = {}
-    if blocks:
-        for name, group in blocks[0].groups.items():
-            groups[name] = list(range(blocks[0].offsets[name], blocks[0].offsets[name] + group.num_experts))
+    groups = expert_columns(blocks[0]) if blocks else {}
     layers = list(range(model.lm.config.num_hidden_layers))
     result = {
         "run_dir": str(run_dir),

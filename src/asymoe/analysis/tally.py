@@ -13,7 +13,8 @@ entropy), `asymoe.analysis.conditions` (blank / shuffled / swapped inputs) and h
   (`alpha_routed`: the gate where it acts);
 - image sensitivity: answers are greedy, compared after normalisation; `accuracy_blank` with the
   blank image; `changed` is the fraction of swappable questions whose answer differs between the
-  real and the swapped image, `follows` the fraction answering the swapped image's correct answer.
+  real and the swapped image, `follows` the fraction answering the swapped image's correct answer
+  (the accuracy with respect to the swapped image, whether or not the answer changed).
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ QUANTILES = (0.1, 0.5, 0.9)
 def expert_names(block: MoEBlock) -> list[str]:
     """Global expert order of a block as names: vision0, shared0, shared1, language0, ..."""
     return [f"{name}{j}" for name, group in block.groups.items() for j in range(group.num_experts)]
+
+
+def expert_columns(block: MoEBlock) -> dict[str, list[int]]:
+    """Each group's global expert ids in a block."""
+    return {
+        name: list(range(block.offsets[name], block.offsets[name] + group.num_experts))
+        for name, group in block.groups.items()
+    }
 
 
 def eligible_experts(block: MoEBlock, meta: TokenMeta) -> torch.Tensor:
