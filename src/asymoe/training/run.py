@@ -29,7 +29,7 @@ from asymoe.training.distributed import build_strategy, check_devices
 from asymoe.training.guards import NonFiniteGuard
 from asymoe.training.loaders import saved_loader_state, shard_loader
 from asymoe.training.module import MODEL_CONFIG_KEY, VLMModule
-from asymoe.training.rundir import CHECKPOINT_DIR, CONFIG_FILE, claim_run_directory, resume_checkpoint
+from asymoe.training.rundir import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, claim_run_directory, resume_checkpoint
 
 
 def run_directory(cfg: Config) -> Path:
@@ -109,11 +109,15 @@ def fit(cfg: Config, callbacks: list | None = None, overwrite: bool = False) -> 
     config_lib.save(cfg, run_dir / CONFIG_FILE)
     tokenizer.save(run_dir)
 
-    checkpoint = _checkpoint_callback(run_dir)
+    checkpoint, last_checkpoint = _checkpoint_callbacks(run_dir)
     trainer = build_trainer(
         cfg,
         run_dir,
-        [checkpoint, *([RoutingLogger(heatmaps=cfg.logging.routing_images)] if cfg.task == "vqa" else [])]
+        [
+            checkpoint,
+            last_checkpoint,
+            *([RoutingLogger(heatmaps=cfg.logging.routing_images)] if cfg.task == "vqa" else []),
+        ]
         + list(callbacks or []),
         logger=cfg.logging.tensorboard,
         model=module.model,
@@ -149,18 +153,27 @@ def fit(cfg: Config, callbacks: list | None = None, overwrite: bool = False) -> 
     return metrics
 
 
-def _checkpoint_callback(run_dir: Path) -> ModelCheckpoint:
-    """The best checkpoint by validation accuracy and the last one, in run_dir/checkpoints."""
-    return ModelCheckpoint(
-        dirpath=str(run_dir / CHECKPOINT_DIR),
+def _checkpoint_callbacks(run_dir: Path) -> tuple[ModelCheckpoint, ModelCheckpoint]:
+    """The best checkpoint by validation accuracy, and `last.ckpt` at every validation.
+
+    Lightning's `save_last=True` writes last.ckpt only when a best checkpoint is written, so a
+    resume would lose every step since the last improvement; the second callback has no monitor
+    and keeps its one file, `last.ckpt`, current. The directory is this run's alone
+    (claim_run_directory): files are replaced, never joined by `-v1` copies.
+    """
+    folder = str(run_dir / CHECKPOINT_DIR)
+    best = ModelCheckpoint(
+        dirpath=folder,
         filename="best-{epoch}-{step}",
         monitor="val/accuracy",
         mode="max",
-        save_last=True,
         save_top_k=1,
-        # The directory is this run's alone (claim_run_directory): replace files, never add `-v1` copies.
         enable_version_counter=False,
     )
+    last = ModelCheckpoint(
+        dirpath=folder, filename=Path(LAST_CHECKPOINT).stem, save_top_k=1, enable_version_counter=False
+    )
+    return best, last
 
 
 def _nonfinite_guard(cfg: Config, train_loader, datamodule: VQADataModule) -> NonFiniteGuard:
