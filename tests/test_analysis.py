@@ -157,7 +157,7 @@ def test_question_shuffle_and_swap_partners(loaded):
 def _sensitivity(module, datamodule) -> dict:
     from asymoe.analysis.results import sensitivity_section
 
-    analysis = Analysis(module, datamodule, "test", AnalysisOptions(limit=40, batch_size=40))
+    analysis = Analysis(module, datamodule, "test", AnalysisOptions(limit=64, batch_size=64))
     return sensitivity_section(analysis.run().outcomes)
 
 
