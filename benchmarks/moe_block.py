@@ -264,9 +264,27 @@ def markdown(results: dict, meta: dict, device: str) -> str:
                 cells.append(f"{row['tflops'] / rows[best]['tflops']:.2f}×")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["#### Targets", "", "| target | measured | threshold | |", "|---|---:|---:|---|"]
+    lines += [
+        "#### Group kinds against the Euclidean group (same experts, same backend)",
+        "",
+        "| shape | kind | backend | median (ms) | time vs Euclidean | activated TFLOP/s | TFLOP/s overhead |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for name, rows in results.items():
+        for kind in KINDS[1:]:
+            for backend in ("eager", "auto"):
+                row, base = rows.get(f"{kind}/{backend}"), rows[f"asymoe/{backend}"]
+                if row is None:
+                    continue
+                lines.append(
+                    f"| {name} | {kind} | {backend} | {1e3 * row['median_s']:.1f} | "
+                    f"{row['median_s'] / base['median_s']:.2f}× | {row['tflops']:.4f} | "
+                    f"{100 * (1 - row['tflops'] / base['tflops']):.0f}% |"
+                )
+    lines += ["", "#### Targets", "", "| target | measured | threshold | |", "|---|---:|---:|---|"]
     for name, value, bar, verdict in targets(results, device):
-        lines.append(f"| {name} | {value:.2f} | {bar} | {verdict} |")
+        shown = (f"{100 * value:.0f}%", f"{100 * bar:.0f}%") if "overhead" in name else (f"{value:.2f}×", f"{bar}×")
+        lines.append(f"| {name} | {shown[0]} | {shown[1]} | {verdict} |")
     lines += [
         "",
         f"- machine: {meta['machine']}",
@@ -315,7 +333,13 @@ def main() -> None:
     parser.add_argument("--skip-kinds", action="store_true", help="Euclidean groups only")
     parser.add_argument("--shapes", type=int, default=None, help="only the first N shapes")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--render", action="store_true", help="rewrite the markdown from the JSON, measure nothing")
     args = parser.parse_args()
+    if args.render:
+        data = json.loads((RESULTS / "moe_block.json").read_text())
+        for device, entry in data.items():
+            write(entry["results"], entry["meta"], device)
+        return
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda needs CUDA")

@@ -45,8 +45,10 @@ KERNELS: tuple[str, ...] = get_args(ExpertKernel)
 # Device types whose grouped_mm path keeps every size on the device (`sync_free`).
 SYNC_FREE_DEVICES: frozenset[str] = frozenset({"cuda"})
 
-# Fastest kernel per (device type, dtype) in benchmarks/results/moe_block.md. CUDA is not measured
-# here; grouped_mm is the kernel torch and transformers build for it (bf16/fp16 on SM >= 80).
+# Fastest kernel per (device type, dtype). Measured (benchmarks/results/moe_block.md): CPU float32,
+# where padded's batched GEMMs beat grouped_mm (a loop of per-expert GEMMs in the CPU build) and
+# segment. Not measured, by analogy: CPU bfloat16 as float32; CUDA grouped_mm, the kernel torch and
+# transformers build for it (bf16/fp16 on SM >= 80), which is also the only sync-free kernel.
 FASTEST: dict[tuple[str, torch.dtype], str] = {
     ("cpu", torch.float32): "padded",
     ("cpu", torch.bfloat16): "padded",
