@@ -9,7 +9,7 @@ DEMO_CONFIG ?= experiments/asymoe.yaml
 # Training stops after 8.5 minutes at the latest, so demo + test stay within 10 minutes on 2 cores.
 DEMO_MAX_TIME ?= 00:00:08:30
 
-.PHONY: help install demo test test-fast clean
+.PHONY: help install demo lint test test-fast clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -26,7 +26,11 @@ install: $(STAMP)  ## create .venv and install asymoe[dev] (once)
 demo: install  ## train the default experiment on easy-VQA, test it, print accuracy and the TensorBoard line
 	$(BIN)/asymoe fit $(DEMO_CONFIG) trainer.max_time=$(DEMO_MAX_TIME)
 
-test: install  ## run the test suite (CPU, a few minutes)
+lint: install  ## ruff lint + format check (configured in pyproject.toml)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+test: lint  ## lint, then the test suite (CPU, a few minutes)
 	$(BIN)/python -m pytest -q tests
 
 test-fast: install  ## the test suite without tests marked slow

@@ -10,7 +10,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from asymoe import config as config_lib
 from asymoe.training.run import fit
-
 from conftest import EXPERIMENTS
 
 
@@ -72,7 +71,7 @@ def test_checkpoint_reproduces_test_accuracy(tiny_overrides, capsys):
     code = cli.main(["test", "vanilla_moe", *tiny_overrides, f"ckpt={best}"])
     assert code == 0
     out = capsys.readouterr().out
-    reported = json.loads(out[out.index("{"):])
+    reported = json.loads(out[out.index("{") :])
     assert reported["test/accuracy"] == pytest.approx(metrics["test/accuracy"], abs=1e-6)
 
 
@@ -82,8 +81,11 @@ def test_logging_switches(tiny_overrides):
     events = EventAccumulator(f"{cfg.output_dir}/tb", size_guidance={"images": 0})
     events.Reload()
     assert events.Tags()["images"] == [] and "routing/layer01/entropy/vision" in events.Tags()["scalars"]
-    cfg = config_lib.load("moiie", [o for o in tiny_overrides if not o.startswith("output_dir=")]
-                          + [f"output_dir={cfg.output_dir}_nolog", "logging.tensorboard=false"])
+    cfg = config_lib.load(
+        "moiie",
+        [o for o in tiny_overrides if not o.startswith("output_dir=")]
+        + [f"output_dir={cfg.output_dir}_nolog", "logging.tensorboard=false"],
+    )
     metrics = fit(cfg)
     assert not Path(cfg.output_dir, "tb").exists()
     assert 0.0 <= metrics["test/accuracy"] <= 1.0

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Protocol
 
 from asymoe.config import ConfigError
 
@@ -55,7 +56,7 @@ class WordTokenizer:
         self.assistant_ids = [self.index["<assistant>"]]
 
     @classmethod
-    def build(cls, texts: Iterable[str]) -> "WordTokenizer":
+    def build(cls, texts: Iterable[str]) -> WordTokenizer:
         counts = Counter(token for text in texts for token in cls.split(text) if token not in cls.SPECIALS)
         return cls(list(cls.SPECIALS) + sorted(counts))
 
@@ -84,7 +85,7 @@ class WordTokenizer:
         (Path(directory) / self.FILENAME).write_text(json.dumps({"kind": "word", "vocab": self.vocab}))
 
     @classmethod
-    def load(cls, directory: Path) -> "WordTokenizer":
+    def load(cls, directory: Path) -> WordTokenizer:
         data = json.loads((Path(directory) / cls.FILENAME).read_text())
         return cls(data["vocab"])
 
@@ -119,7 +120,9 @@ class HFTokenizer:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as error:
-            raise ConfigError(f"model.language.pretrained_path: cannot load a tokenizer from {path} ({error})") from None
+            raise ConfigError(
+                f"model.language.pretrained_path: cannot load a tokenizer from {path} ({error})"
+            ) from None
         if IMAGE_TOKEN not in self.tokenizer.get_vocab():
             self.tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
         tok = self.tokenizer
