@@ -89,7 +89,12 @@ def test_metadata_survives_activation_checkpointing():
         model = tiny_model(["model.moe.routing.balance_coef.vision=0.1", "model.moe.routing.balance_coef.language=0.1"])
         model.train()
         if checkpointing:
-            model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers >= 5.x renamed gradient_checkpointing_enable (the old name warns).
+            enable = getattr(model.lm, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         out = model(**batch(model.num_image_tokens))
         (out.lm_loss + out.aux_loss).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
