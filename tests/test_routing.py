@@ -64,8 +64,10 @@ def test_balance_loss_known_value():
 
 
 def test_modality_eligibility():
+    # The spy below wraps each group's eager dispatch (the sorted backends equal it: test_dispatch.py).
     block, state = make_block(
         [
+            "model.moe.experts_backend=eager",
             "model.moe.groups.vision.num_experts=2",
             "model.moe.groups.shared.num_experts=1",
             "model.moe.groups.language.num_experts=2",
