@@ -75,3 +75,14 @@ def test_stage_errors_name_the_stage(tiny_overrides):
     cfg = config_lib.load(None, tiny_overrides + ["stages=[{name: a}, {name: a}]"])
     with pytest.raises(ConfigError, match=r"stages\[1\].name='a' must be unique"):
         fit_stages(cfg)
+
+
+def test_overwrite_is_refused_for_a_multi_stage_run(tmp_path, capsys):
+    from asymoe import cli
+
+    code = cli.main(["fit", "experiments/stages/moiie.yaml", "--overwrite", f"output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (
+        "asymoe: error: --overwrite does not apply to a multi-stage run; choose a fresh output_dir"
+    )
+    assert not (tmp_path / "run").exists()

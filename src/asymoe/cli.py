@@ -55,6 +55,9 @@ def _fit(args) -> int:
     if cfg.stages:
         from asymoe.training.stages import fit_stages
 
+        if args.overwrite:
+            # A multi-stage run skips its finished stages and resumes the unfinished one on a rerun.
+            raise ConfigError("--overwrite does not apply to a multi-stage run; choose a fresh output_dir")
         metrics = fit_stages(cfg)
     else:
         metrics = fit(cfg, overwrite=args.overwrite)
