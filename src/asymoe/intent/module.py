@@ -24,7 +24,7 @@ from asymoe.intent.datamodule import IntentDataModule
 from asymoe.intent.losses import infonce_loss, triplet_loss
 from asymoe.intent.metrics import classification_metrics, open_set_metrics
 from asymoe.intent.model import IntentModel
-from asymoe.training.module import is_decayed
+from asymoe.training.module import is_decayed, warmup_cosine
 
 VOCAB_KEY = "asymoe_vocab"
 
@@ -134,17 +134,7 @@ class IntentModule(L.LightningModule):
             {"params": [p for n, p in named if not is_decayed(n, p)], "weight_decay": 0.0},
         ]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas))
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(optim.warmup_steps, total - 1)
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(total - warmup, 1), eta_min=optim.lr * optim.min_lr_ratio
-        )
-        if warmup > 0:
-            ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
-            scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
-        else:
-            scheduler = cosine
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return warmup_cosine(optimizer, self.trainer.estimated_stepping_batches, optim)
 
 
 def build_intent(cfg: Config) -> tuple[IntentDataModule, IntentModule]:

@@ -181,15 +181,21 @@ class VLMModule(L.LightningModule):
                         {"params": params, "lr": lrs[group], "weight_decay": weight_decay, "name": group + suffix}
                     )
         optimizer = torch.optim.AdamW(param_groups, betas=tuple(optim.betas))
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(optim.warmup_steps, max(total - 1, 0))
-        floor = optim.min_lr_ratio
+        return warmup_cosine(optimizer, self.trainer.estimated_stepping_batches, optim)
 
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+def warmup_cosine(optimizer: torch.optim.Optimizer, stepping_batches: float, optim) -> dict:
+    """Lightning's optimiser dict: linear warmup over `optim.warmup_steps`, then cosine decay to
+    `optim.min_lr_ratio` of each group's rate at the last step (stepped every optimizer step)."""
+    total = max(int(stepping_batches), 1)
+    warmup = min(optim.warmup_steps, max(total - 1, 0))
+    floor = optim.min_lr_ratio
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
