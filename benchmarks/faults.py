@@ -163,7 +163,7 @@ def worker(spec_path: Path) -> None:
 
 
 def launch(spec: dict, folder: Path) -> tuple[int, str]:
-    """Run `worker` on `spec` in a new process group; returns (exit status, output tail)."""
+    """Run `worker` on `spec` in a new process group; returns (exit status, its whole output)."""
     folder.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "log_dir": str(folder), "threads": torch.get_num_threads()}
     (folder / "spec.json").write_text(json.dumps(spec))
@@ -182,7 +182,7 @@ def launch(spec: dict, folder: Path) -> tuple[int, str]:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         return -9999, "timed out: " + output.decode(errors="replace")[-2000:]
-    return process.returncode, output.decode(errors="replace")[-3000:]
+    return process.returncode, output.decode(errors="replace")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def reference_run(overrides: list[str], folder: Path, fsdp2: bool) -> Recorder:
         fit(config_lib.load("asymoe", overrides + [f"output_dir={folder / 'run'}"]), callbacks=[recorder])
         return recorder
     code, output = launch({"overrides": overrides + [f"output_dir={folder / 'run'}"]}, folder)
-    assert code == 0, output
+    assert code == 0, output[-3000:]
     recorder = Recorder()
     recorder.steps = read_steps(folder)
     recorder.weights = torch.load(folder / "weights.pt", weights_only=True)

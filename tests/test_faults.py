@@ -62,11 +62,10 @@ def fsdp2_reference(tmp_path_factory):
     return faults.reference_run(OVERRIDES + faults.FSDP2_OVERRIDES, tmp_path_factory.mktemp("fsdp2"), fsdp2=True)
 
 
-# Three 2-process runs per scenario (the reference is shared): minutes on a 2-core machine.
-# Known bug, kept visible: after an fsdp2 resume the first tensor that differs from the uninterrupted
-# run is a ResNet BatchNorm running mean (~1e-2): per-rank buffers or batches are not restored exactly.
+# Three 2-process runs per scenario (the reference is shared): minutes on a 2-core machine. The
+# ResNet encoder's BatchNorm statistics are per-rank buffers: without `broadcast_buffers` the
+# resumed run's running means differed from the uninterrupted run's by ~1e-2.
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="fsdp2 resume: BatchNorm running statistics differ (known bug)")
 @pytest.mark.parametrize("scenario, seed", [("fsdp2_kill_at_step", 3), ("fsdp2_kill_in_swap", 1)])
 def test_fsdp2_killed_run_resumes_to_the_uninterrupted_weights(scenario, seed, fsdp2_reference, tmp_path):
     outcome = faults.run_scenario(scenario, OVERRIDES + faults.FSDP2_OVERRIDES, fsdp2_reference, tmp_path, seed)

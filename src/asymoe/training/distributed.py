@@ -16,9 +16,12 @@ zero-size batch when a training batch has no image, so the parameter set of the 
 never depends on the data. DDP therefore needs no `find_unused_parameters`, and FSDP's per-module
 all-gathers happen in the same order on every rank.
 
-Known limits: BatchNorm running statistics are buffers, which FSDP does not synchronise (DDP
-broadcasts rank 0's): with a BatchNorm encoder (ResNet) the ranks' statistics drift apart and a
-checkpoint keeps rank 0's; LayerNorm encoders (ViT) are unaffected. Under `fsdp2` with bf16-mixed
+Buffers: BatchNorm running statistics are buffers, which FSDP neither shards nor synchronises
+(DDP broadcasts rank 0's before every forward). Left alone, the ranks' statistics drift apart, a
+sharded checkpoint stores whichever rank's copy the planner picks, and a resumed run differs from
+an uninterrupted one. `broadcast_buffers` gives FSDP and FSDP2 DDP's semantics: after every
+training backward rank 0's floating-point buffers are copied to every rank in one collective, so
+all ranks (and every checkpoint) hold the same statistics. Under `fsdp2` with bf16-mixed
 the unsharded weights are bf16 (the fp32 master copy stays sharded); the hyperbolic groups cast
 to float32 inside their fp32 islands.
 """
@@ -196,6 +199,24 @@ class AtomicFSDPStrategy(AtomicShardedSave, FSDPStrategy):
 
 class AtomicModelParallelStrategy(AtomicShardedSave, ModelParallelStrategy):
     """Lightning's ModelParallelStrategy (FSDP2) with atomic, recorded sharded checkpoints."""
+
+
+def shards_without_buffer_sync(strategy) -> bool:
+    """True for the strategies that leave buffers per rank (FSDP1, FSDP2), with more than one process."""
+    return isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) and strategy.world_size > 1
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s floating-point buffers (e.g. BatchNorm running statistics) to every rank, in one collective."""
+    buffers = [b for b in module.buffers() if b.is_floating_point() and b.numel()]
+    if not buffers or not torch.distributed.is_initialized():
+        return
+    flat = torch.cat([b.detach().reshape(-1).float() for b in buffers])
+    torch.distributed.broadcast(flat, src=src)
+    offset = 0
+    for b in buffers:
+        b.detach().copy_(flat[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()
 
 
 def apply_fsdp2(model: nn.Module, mesh, precision: str, activation_checkpointing: bool) -> None:

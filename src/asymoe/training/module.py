@@ -11,7 +11,7 @@ from asymoe import config as config_lib
 from asymoe.config import Config
 from asymoe.data.tokenizer import Tokenizer
 from asymoe.models.vlm import VisionLanguageModel, group_parameters
-from asymoe.training.distributed import apply_fsdp2
+from asymoe.training.distributed import apply_fsdp2, broadcast_buffers, shards_without_buffer_sync
 from asymoe.training.metrics import EvalTally
 
 MODEL_CONFIG_KEY = "asymoe_model_config"
@@ -59,6 +59,11 @@ class VLMModule(L.LightningModule):
         for name, value in self.model.moe_state.mean_losses().items():
             self.log(f"train/aux/{name}", value, batch_size=size)
         return loss
+
+    def on_after_backward(self) -> None:
+        # After the backward (BatchNorm's saved tensors include its buffers), before checkpoints.
+        if shards_without_buffer_sync(self.trainer.strategy):
+            broadcast_buffers(self.model)  # DDP's buffer semantics under FSDP (training.distributed)
 
     def _evaluate(self, batch: dict) -> None:
         """LM loss and greedy exact-match accuracy, one question per sequence, under the batch's split.
