@@ -76,21 +76,25 @@ def test_layouts_equal_the_loop(kernel, case):
         grads = torch.autograd.grad(out, leaves, grad)
         return out, grads
 
-    def grouped():
+    def grouped(fused: bool):
         kernel_name, _, sync = kernel.partition("/")
         a = dispatch.sort_assignments(expert_index, weight, mask, experts, sync_free=bool(sync))
         rows = dispatch.group_rows(a, 0, experts)
         layout = dispatch.make_layout(kernel_name, rows)
+        if fused:  # tokens straight into the layout and back (the padded layout's one-gather path)
+            gate, up = layout.linear(layout.gather(x), gate_up).chunk(2, dim=-1)
+            return layout.combine(layout.linear(F.silu(gate) * up, down), x.dtype)
         routed = layout.pack(dispatch.to_rows(x, rows))
         gate, up = layout.linear(routed, gate_up).chunk(2, dim=-1)
         y = layout.unpack(layout.linear(F.silu(gate) * up, down))
         return dispatch.combine(rows, y, x.dtype)
 
     expected, expected_grads = run(lambda: loop_reference(x, gate_up, down, expert_index, weight, mask))
-    got, got_grads = run(grouped)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    for g, e in zip(got_grads, expected_grads):
-        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    for fused in (False, True):
+        got, got_grads = run(lambda: grouped(fused))  # noqa: B023 (called at once)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        for g, e in zip(got_grads, expected_grads):
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
     if case == "ragged":
         assert got_grads[1][3].abs().max() == 0  # the expert without tokens: an exact-zero gradient
 

@@ -25,7 +25,7 @@ from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
 from asymoe.errors import ConfigError
-from asymoe.models.dispatch import ExpertLayout, ExpertRows, to_rows
+from asymoe.models.dispatch import ExpertLayout, ExpertRows
 from asymoe.models.experts import ExpertGroup
 
 ACTIVATION_KEYS = ("hidden_activation", "hidden_act", "activation_function")
@@ -236,6 +236,5 @@ class PlainFFNExperts(ExpertGroup):
     def forward_grouped(
         self, tokens: torch.Tensor, rows: ExpertRows, layout: ExpertLayout, extras: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        routed = layout.pack(to_rows(tokens, rows))
-        inner = self.act_fn(layout.linear(routed, self.up_proj, self.up_bias))  # (layout, f)
-        return layout.unpack(layout.linear(inner, self.down_proj, self.down_bias))  # (N, d)
+        inner = self.act_fn(layout.linear(layout.gather(tokens), self.up_proj, self.up_bias))  # (layout, f)
+        return layout.linear(inner, self.down_proj, self.down_bias)  # (layout, d)

@@ -34,6 +34,7 @@ grouped_mm, `auto` the kernel in `FASTEST`, a table filled from benchmarks/resul
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import get_args
 
 import torch
@@ -135,7 +136,7 @@ def sort_assignments(
     )
 
 
-@dataclass
+@dataclass(eq=False)
 class ExpertRows:
     """The rows one expert group computes: its run of the sorted assignments (N rows).
 
@@ -155,6 +156,25 @@ class ExpertRows:
     valid: torch.Tensor | None  # (N, 1) bool on the sync-free path: rows that are real assignments
     position: torch.Tensor  # (N,) long: each row's (token, slot) position; tokens·slots for padding rows
     row_of_position: torch.Tensor  # (tokens·slots,) long: the row at each position, N where none
+
+    @property
+    def sync_free(self) -> bool:
+        return self.valid is not None
+
+    @cached_property
+    def token_route(self) -> Route:
+        """tokens -> rows."""
+        return Route(self.token_index, None, 0)
+
+    @cached_property
+    def position_route(self) -> Route:
+        """rows -> (token, slot) positions; positions outside the group read zeros."""
+        return Route.of(self.row_of_position, self.position.shape[0], self.sync_free)
+
+    @cached_property
+    def row_route(self) -> Route:
+        """(token, slot) positions -> rows; padding rows (sync-free) read zeros."""
+        return Route.of(self.position, self.row_of_position.shape[0], self.sync_free)
 
 
 def _rows(assignments: Assignments, window, num_experts: int, first_expert: int, valid, counts, ends) -> ExpertRows:
@@ -200,52 +220,75 @@ def group_rows(assignments: Assignments, first_expert: int, num_experts: int) ->
     return _rows(assignments, window, num_experts, first_expert, valid, None, local_ends - start)
 
 
-def _gather(values: torch.Tensor, index: torch.Tensor, reads_zero_row: bool) -> torch.Tensor:
-    """[values; 0][index]: index len(values) reads a row of zeros (only built when it may be read)."""
-    if reads_zero_row:
-        values = torch.cat([values, values.new_zeros(1, *values.shape[1:])])
-    return values.index_select(0, index)
+@dataclass(frozen=True)
+class Route:
+    """A row index into `size` source rows in which the value `size` means "a row of zeros".
+
+    `index` is clamped into range and `zero` names the output rows to zero afterwards: a long
+    tensor of rows on the exact-sizes path (zeroing a few rows costs nothing), a bool mask on the
+    sync-free one (no host sync), None when no entry reads the zero row. Cheaper than gathering
+    from the values with a zero row appended, which copies all of them.
+    """
+
+    index: torch.Tensor
+    zero: torch.Tensor | None
+    size: int
+
+    @staticmethod
+    def of(index: torch.Tensor, size: int, sync_free: bool) -> Route:
+        reads_zero = index >= size
+        if sync_free:
+            return Route(index.clamp(max=max(size - 1, 0)), reads_zero, size)
+        zero = reads_zero.nonzero().squeeze(-1)
+        return Route(index.clamp(max=max(size - 1, 0)), zero if zero.numel() else None, size)
+
+
+def _gather(values: torch.Tensor, route: Route) -> torch.Tensor:
+    """[values; 0][index]: out-of-range entries read zeros."""
+    if values.shape[0] == 0:
+        return values.new_zeros(route.index.shape[0], *values.shape[1:])
+    out = values.index_select(0, route.index)
+    if route.zero is None:
+        return out
+    if route.zero.dtype == torch.bool:
+        return out.masked_fill_(route.zero.view(-1, *[1] * (out.dim() - 1)), 0.0)
+    out[route.zero] = 0.0
+    return out
 
 
 class _InjectiveGather(torch.autograd.Function):
     """out = [values; 0][index] where no row of values is read twice; the gradient is the inverse gather.
 
-    inverse[r] is where row r of values went (len(out) for a row that went nowhere), so the
-    backward is a gather too, not the scatter-add of index_select's own backward. The flags say
-    whether index, inverse may point at the zero row.
+    `inverse` says where each row of values went (the zero row for a row that went nowhere), so the
+    backward is a gather too, not the scatter-add of index_select's own backward.
     """
 
     @staticmethod
-    def forward(ctx, values, index, inverse, index_reads_zero: bool, inverse_reads_zero: bool) -> torch.Tensor:
-        ctx.inverse, ctx.inverse_reads_zero = inverse, inverse_reads_zero
-        return _gather(values, index, index_reads_zero)
+    def forward(ctx, values: torch.Tensor, route: Route, inverse: Route) -> torch.Tensor:
+        ctx.inverse = inverse
+        return _gather(values, route)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _gather(grad, ctx.inverse, ctx.inverse_reads_zero), None, None, None, None
+        return _gather(grad, ctx.inverse), None, None
 
 
-def _positions_to_tokens(values: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
-    """Σ over a token's rows: (N, d) -> (tokens, d), through the (token, slot) positions."""
-    # Exact sizes: every row has a position, and every position a row when the group has all of them.
-    every_position = rows.valid is None and rows.position.shape[0] == rows.row_of_position.shape[0]
-    at_positions = _InjectiveGather.apply(
-        values, rows.row_of_position, rows.position, not every_position, rows.valid is not None
-    )  # (tokens·slots, d)
-    return at_positions.view(-1, rows.slots, values.shape[-1]).sum(1)
+class _TokenGather(torch.autograd.Function):
+    """tokens (T, d) -> rows (M, d), each row one token's copy; the gradient sums a token's copies.
 
-
-class _ToRows(torch.autograd.Function):
-    """tokens (T, d) -> rows (N, d); the gradient is summed back over a token's rows by gathers."""
+    `from_positions` gives, for every (token, slot) position, the row holding that copy (the zero
+    row for none): the backward gathers (T·slots, d) and sums over slots, without a scatter-add.
+    """
 
     @staticmethod
-    def forward(ctx, tokens: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
-        ctx.rows = rows
-        return tokens.index_select(0, rows.token_index)
+    def forward(ctx, tokens: torch.Tensor, route: Route, from_positions: Route, slots: int) -> torch.Tensor:
+        ctx.from_positions, ctx.slots = from_positions, slots
+        return _gather(tokens, route)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _positions_to_tokens(grad, ctx.rows), None
+        at_positions = _gather(grad, ctx.from_positions)
+        return at_positions.view(-1, ctx.slots, grad.shape[-1]).sum(1), None, None, None
 
 
 def to_rows(tokens: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
@@ -253,7 +296,7 @@ def to_rows(tokens: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
     if tokens.dim() == 1:
         return tokens.index_select(0, rows.token_index)
     flat = tokens.reshape(tokens.shape[0], -1)
-    return _ToRows.apply(flat, rows).view(-1, *tokens.shape[1:])
+    return _TokenGather.apply(flat, rows.token_route, rows.position_route, rows.slots).view(-1, *tokens.shape[1:])
 
 
 def combine(rows: ExpertRows, outputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -262,7 +305,8 @@ def combine(rows: ExpertRows, outputs: torch.Tensor, dtype: torch.dtype) -> torc
     Tokens without rows get exact zeros; a token's rows are summed in its slot order.
     """
     weighted = (outputs * rows.weight.unsqueeze(-1)).to(dtype)
-    return _positions_to_tokens(weighted, rows)
+    at_positions = _InjectiveGather.apply(weighted, rows.position_route, rows.row_route)  # (tokens·slots, d)
+    return at_positions.view(-1, rows.slots, weighted.shape[-1]).sum(1)
 
 
 def row_values(rows: ExpertRows, per_token_expert: torch.Tensor) -> torch.Tensor:
@@ -284,9 +328,10 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 class ExpertLayout:
     """Rows of one group arranged for a kernel; `linear` applies per-expert weights to all rows.
 
-    `pack` brings (N, ·) row tensors into the layout, `unpack` takes them back; element-wise and
-    row-wise functions (activations, norms, hyperbolic maps) act on the layout directly.
-    `per_expert(values)` broadcasts a per-expert tensor (E, ...) against the layout.
+    `gather` brings per-token tensors (T, ·) into the layout and `combine` sums the layout's
+    outputs back into tokens with the routing weights; `pack` / `unpack` do the same for per-row
+    tensors (N, ·). Element-wise and row-wise functions (activations, norms, hyperbolic maps) act
+    on the layout directly. `per_expert(values)` broadcasts a per-expert tensor (E, ...) against it.
     """
 
     def __init__(self, rows: ExpertRows):
@@ -297,6 +342,14 @@ class ExpertLayout:
 
     def unpack(self, values: torch.Tensor) -> torch.Tensor:
         return values
+
+    def gather(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-token values (T, ...) -> the layout: each row's token."""
+        return self.pack(to_rows(tokens, self.rows))
+
+    def combine(self, outputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The layout's outputs -> (T, d): each token's routing-weighted sum over its rows."""
+        return combine(self.rows, self.unpack(outputs), dtype)
 
     def per_expert(self, values: torch.Tensor) -> torch.Tensor:
         """(E, ...) -> (N, ...): each row's expert's entry."""
@@ -345,28 +398,57 @@ class SegmentLayout(ExpertLayout):
 
 
 class PaddedLayout(ExpertLayout):
-    """(E, capacity, ·) blocks, one batched matrix multiply per weight tensor."""
+    """(E, capacity, ·) blocks, one batched matrix multiply per weight tensor.
+
+    Tokens go straight into their slots and slot outputs straight back to (token, slot) positions
+    (`gather`, `combine`): one gather each way, forward and backward, not two through the rows.
+    """
 
     def __init__(self, rows: ExpertRows):
         super().__init__(rows)
         assert rows.counts is not None, "the padded kernel needs exact sizes (sync_free=False)"
         self.capacity = max(rows.counts, default=0)
+        num_rows, num_slots = rows.token_index.shape[0], rows.num_experts * self.capacity
         starts = rows.ends - torch.as_tensor(rows.counts, device=rows.ends.device)  # (E,)
-        position = torch.arange(rows.token_index.shape[0], device=rows.ends.device)
+        row = torch.arange(num_rows, device=rows.ends.device)
         # Row r of expert e goes to slot e·capacity + (r − start_e); empty slots read row N (zeros).
-        self.slot = rows.local_expert * self.capacity + position - starts[rows.local_expert]
-        self.slot_row = self.slot.new_full((rows.num_experts * self.capacity,), position.shape[0])
-        self.slot_row[self.slot] = position
+        slot = rows.local_expert * self.capacity + row - starts[rows.local_expert]  # (N,)
+        slot_row = slot.new_full((num_slots,), num_rows)
+        slot_row[slot] = row
+        num_positions = rows.row_of_position.shape[0]
+        slot_position = torch.cat([rows.position, rows.position.new_full((1,), num_positions)])[slot_row]
+        num_tokens = num_positions // rows.slots
+        slot_token = torch.cat([rows.token_index, rows.token_index.new_full((1,), num_tokens)])[slot_row]
+        position_slot = torch.cat([slot, slot.new_full((1,), num_slots)])[rows.row_of_position]
+        self.slot_route = Route.of(slot_row, num_rows, False)  # rows -> slots
+        self.row_route = Route(slot, None, num_slots)  # slots -> rows
+        self.token_route = Route.of(slot_token, num_tokens, False)  # tokens -> slots
+        self.position_route = Route.of(position_slot, num_slots, False)  # slots -> (token, slot) positions
+        self.inverse_position_route = Route.of(slot_position, num_positions, False)  # positions -> slots
+        self.slot_weight = torch.cat([rows.weight, rows.weight.new_zeros(1)])[slot_row]  # (E·C,), 0 on empty slots
+
+    def _blocks(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat.view(self.rows.num_experts, self.capacity, *flat.shape[1:])  # (E, C, ·)
 
     def pack(self, values: torch.Tensor) -> torch.Tensor:
-        full = self.rows.num_experts * self.capacity == self.slot.shape[0]  # no empty slot
-        blocks = _InjectiveGather.apply(values, self.slot_row, self.slot, not full, False)
-        return blocks.view(self.rows.num_experts, self.capacity, *values.shape[1:])  # (E, C, ·)
+        return self._blocks(_InjectiveGather.apply(values, self.slot_route, self.row_route))
 
     def unpack(self, values: torch.Tensor) -> torch.Tensor:
         flat = values.reshape(-1, *values.shape[2:])
-        full = self.rows.num_experts * self.capacity == self.slot.shape[0]
-        return _InjectiveGather.apply(flat, self.slot, self.slot_row, False, not full)  # (N, ·)
+        return _InjectiveGather.apply(flat, self.row_route, self.slot_route)  # (N, ·)
+
+    def gather(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() == 1:
+            return self.pack(to_rows(tokens, self.rows))
+        flat = tokens.reshape(tokens.shape[0], -1)
+        slots = _TokenGather.apply(flat, self.token_route, self.position_route, self.rows.slots)
+        return self._blocks(slots.view(-1, *tokens.shape[1:]))
+
+    def combine(self, outputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        flat = outputs.reshape(-1, outputs.shape[-1])  # (E·C, d)
+        weighted = (flat * self.slot_weight.unsqueeze(-1)).to(dtype)
+        at_positions = _InjectiveGather.apply(weighted, self.position_route, self.inverse_position_route)
+        return at_positions.view(-1, self.rows.slots, flat.shape[-1]).sum(1)
 
     def per_expert(self, values: torch.Tensor) -> torch.Tensor:
         return values.unsqueeze(1)  # (E, 1, ...)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asymoe.config import ConfigError, EvidenceConfig
-from asymoe.models.dispatch import ExpertLayout, ExpertRows, row_values, to_rows
+from asymoe.models.dispatch import ExpertLayout, ExpertRows, row_values
 from asymoe.models.experts import FFNExperts, gated_ffn
 
 if TYPE_CHECKING:
@@ -209,9 +209,8 @@ class EvidenceExperts(FFNExperts):
     ) -> torch.Tensor:
         # The cross-attention context was computed once per layer, in `prepare`; rows only gather it.
         alpha = row_values(rows, extras["alpha"]).unsqueeze(-1)  # (N, 1): the gate of each row's expert
-        routed, context = to_rows(tokens, rows), to_rows(extras["context"], rows)
-        out = self._mix(layout.pack(routed), layout.pack(context), layout.pack(alpha), layout.linear, lambda w: w)
-        return layout.unpack(out)
+        routed, context = layout.gather(tokens), layout.gather(extras["context"])
+        return self._mix(routed, context, layout.pack(alpha), layout.linear, lambda w: w)
 
     def _mix(self, tokens, context, alpha, linear, select) -> torch.Tensor:
         """α·F_mem + (1 − α)·F_evd (Eqs. 7-9) for tokens and context (..., d), gate α (..., 1).

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from asymoe.models.dispatch import ExpertLayout, ExpertRows, combine, make_layout, to_rows
+from asymoe.models.dispatch import ExpertLayout, ExpertRows, make_layout
 
 if TYPE_CHECKING:
     from asymoe.models.moe import TokenMeta
@@ -90,16 +90,17 @@ class ExpertGroup(nn.Module):
     def forward_grouped(
         self, tokens: torch.Tensor, rows: ExpertRows, layout: ExpertLayout, extras: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """Outputs (N, d) of all the group's rows at once: row r is expert rows.local_expert[r] on
-        token rows.token_index[r]; tokens (T, d) and extras (T, ...) are per token."""
+        """Outputs of all the group's rows at once, in `layout` (its `combine` sums them into tokens):
+        row r is expert rows.local_expert[r] on token rows.token_index[r]; tokens (T, d) and extras
+        (T, ...) are per token and enter the layout through `layout.gather`."""
         raise NotImplementedError(type(self).__name__)
 
     def dispatch_grouped(
         self, tokens: torch.Tensor, rows: ExpertRows, kernel: str, extras: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """The sum of `dispatch` for rows sorted by expert (asymoe.models.dispatch), (T, d)."""
-        outputs = self.forward_grouped(tokens, rows, make_layout(kernel, rows), extras)  # (N, d)
-        return combine(rows, outputs, tokens.dtype)
+        layout = make_layout(kernel, rows)
+        return layout.combine(self.forward_grouped(tokens, rows, layout, extras), tokens.dtype)
 
     def matmul_widths(self) -> tuple[int, ...]:
         """Input and output widths of the experts' weight multiplies (a kernel's stride rules)."""
@@ -170,5 +171,4 @@ class FFNExperts(ExpertGroup):
     def forward_grouped(
         self, tokens: torch.Tensor, rows: ExpertRows, layout: ExpertLayout, extras: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        routed = layout.pack(to_rows(tokens, rows))
-        return layout.unpack(gated_ffn(routed, self.gate_up_proj, self.down_proj, self.act_fn, layout.linear))
+        return gated_ffn(layout.gather(tokens), self.gate_up_proj, self.down_proj, self.act_fn, layout.linear)

@@ -39,7 +39,7 @@ from transformers.activations import ACT2FN
 
 from asymoe.config import GeometryLossConfig
 from asymoe.models import lorentz, poincare
-from asymoe.models.dispatch import ExpertLayout, ExpertRows, to_rows
+from asymoe.models.dispatch import ExpertLayout, ExpertRows
 from asymoe.models.experts import ExpertGroup
 
 if TYPE_CHECKING:
@@ -252,8 +252,8 @@ class HyperbolicExperts(ExpertGroup):
             kappa = self.manifold_curvature()
             point = self._to_manifold(tokens.float(), kappa)  # (T, d): the exp map once per token
             weights = {name: weight.float() for name, weight in self._expert_weights().items()}
-            output = self._layers(layout.pack(to_rows(point, rows)), kappa, weights, layout.linear, layout.per_expert)
-        return layout.unpack(output).to(tokens.dtype)  # (N, d)
+            output = self._layers(layout.gather(point), kappa, weights, layout.linear, layout.per_expert)
+        return output.to(tokens.dtype)  # (layout, d)
 
     def matmul_widths(self) -> tuple[int, ...]:
         # The layers multiply [time; space] coordinates: one column more than the widths.
