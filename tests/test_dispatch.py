@@ -235,9 +235,11 @@ def test_block_backends_under_activation_checkpointing(monkeypatch):
 
 def test_grouped_and_auto_resolve_per_group():
     block = build_block("asymoe_lorentz", "grouped")
-    # The Lorentz layers multiply d + 1 = 17 columns: no 16-byte stride, so no grouped_mm.
-    expected = {"vision": "grouped_mm", "shared": dispatch.FALLBACK, "language": "grouped_mm"}
+    # The Lorentz layers add their time column after the product: the widths stay d and f.
+    expected = {"vision": "grouped_mm", "shared": "grouped_mm", "language": "grouped_mm"}
     assert block._kernels(torch.zeros(1, HIDDEN)) == expected
+    # A width without a 16-byte stride (17 float32 columns) has no grouped_mm.
+    assert dispatch.resolve_kernel("grouped", torch.device("cpu"), torch.float32, HIDDEN, 17) == dispatch.FALLBACK
     block.experts_backend = "auto"
     assert set(block._kernels(torch.zeros(1, HIDDEN)).values()) == {dispatch.FASTEST[("cpu", torch.float32)]}
     block.experts_backend = "eager"

@@ -475,3 +475,24 @@ def test_bf16_autocast_training_with_large_inputs_stays_finite(geometry, learn, 
         assert (group.curvature() - start).abs().item() > 1e-3
     else:
         assert torch.equal(group.curvature(), start)
+
+
+def test_clip_radius_backward_equals_autograd_of_its_formula():
+    """The hand-written backward: identity on unclipped rows, the projected gradient on clipped ones."""
+    torch.manual_seed(0)
+    curvature = 0.7
+    limit = lorentz.RADIUS_MAX / curvature**0.5
+    x = torch.randn(6, 5, dtype=torch.float64)
+    x[1] *= 3 * limit / x[1].norm()  # clipped to the bound
+    x[4] *= 1.5 * limit / x[4].norm()
+    grad = torch.randn_like(x)
+    mine = x.clone().requires_grad_()
+    out = lorentz.clip_radius(mine, curvature)
+    out.backward(grad)
+    ref = x.clone().requires_grad_()
+    expected = ref * (limit / lorentz.safe_norm(ref)).clamp(max=1.0)
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-10, atol=1e-12)
+    assert torch.equal(mine.grad[[0, 2, 3, 5]], grad[[0, 2, 3, 5]])  # unclipped rows: the identity
+    assert not torch.allclose(mine.grad[[1, 4]], grad[[1, 4]])

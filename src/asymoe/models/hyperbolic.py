@@ -256,8 +256,8 @@ class HyperbolicExperts(ExpertGroup):
         return output.to(tokens.dtype)  # (layout, d)
 
     def matmul_widths(self) -> tuple[int, ...]:
-        # The layers multiply [time; space] coordinates: one column more than the widths.
-        return (self.hidden_size, self.intermediate_size, self.hidden_size + 1, self.intermediate_size + 1)
+        # The time coordinate's column is added after the product (lorentz.linear, poincare.fc_lifted).
+        return (self.hidden_size, self.intermediate_size)
 
     def _layers(self, point, kappa, weights, linear_fn, per_expert) -> torch.Tensor:
         """The experts' layers (class docstring) on points (..., d), in float32.
@@ -269,10 +269,10 @@ class HyperbolicExperts(ExpertGroup):
         clip = lorentz.clip_radius
         if self.geometry == "lorentz":
             first = weights["gate_up_proj"], weights["gate_up_time"], weights["gate_up_bias"]
-            gate, up = clip(lorentz.linear(point, *first, kappa, linear_fn), kappa).chunk(2, dim=-1)  # (..., f)
+            gate, up = clip(lorentz.linear(point, *first, kappa, linear_fn, per_expert), kappa).chunk(2, dim=-1)
             inner = clip(self.act_fn(gate) * up, kappa)  # (..., f)
             second = weights["down_proj"], weights["down_time"], weights["down_bias"]
-            output = lorentz.linear(inner, *second, kappa, linear_fn)  # (..., d)
+            output = lorentz.linear(inner, *second, kappa, linear_fn, per_expert)  # (..., d)
             return lorentz.log_map0(clip(output, kappa), kappa)
         first = weights["gate_up_proj"], weights["gate_up_bias"]
         gate, up = poincare.fc_lifted(point, *first, kappa, linear_fn, per_expert).chunk(2, dim=-1)  # (..., f)

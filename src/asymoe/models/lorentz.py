@@ -90,10 +90,42 @@ def log_map0(x_space: torch.Tensor, curvature: Curvature) -> torch.Tensor:
     return torch.asinh(scaled_norm) / scaled_norm * x_space
 
 
+class _ClipRadius(torch.autograd.Function):
+    """x·min(1, limit/‖x‖) with a hand-written backward.
+
+    Where a row is not clipped (all rows, in practice) its Jacobian is the identity; autograd
+    would still differentiate the norm and the clamp of every row. A clipped row, x·limit/‖x‖,
+    has the gradient (limit/‖x‖)·(g − x·(x·g)/‖x‖²).
+    """
+
+    @staticmethod
+    def forward(ctx, x_space: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+        norm = safe_norm(x_space)
+        scale = (limit / norm).clamp(max=1.0)
+        clipped = limit < norm  # (..., 1)
+        ctx.save_for_backward(x_space, norm, scale, clipped)
+        return x_space * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x_space, norm, scale, clipped = ctx.saved_tensors
+        # On CPU a clipped row is looked for (a host read costs nothing there); elsewhere the
+        # correction is always computed and masked, so that nothing synchronises.
+        if x_space.device.type == "cpu" and not bool(clipped.any()):
+            return grad, None
+        radial = (x_space * grad).sum(-1, keepdim=True) / norm.square()
+        correction = torch.where(clipped, scale * (grad - x_space * radial), grad)
+        return correction, None
+
+
 def clip_radius(x_space: torch.Tensor, curvature: Curvature) -> torch.Tensor:
-    """Scale x_s down to ‖x_s‖ ≤ 2^15/√c where it is longer (the exp map's own bound)."""
-    limit = RADIUS_MAX / curvature**0.5
-    return x_space * (limit / safe_norm(x_space)).clamp(max=1.0)
+    """Scale x_s down to ‖x_s‖ ≤ 2^15/√c where it is longer (the exp map's own bound).
+
+    The curvature is treated as a constant here (no gradient through the bound, which is met
+    with equality only by clipped rows).
+    """
+    limit = torch.as_tensor(RADIUS_MAX / curvature**0.5, dtype=x_space.dtype, device=x_space.device)
+    return _ClipRadius.apply(x_space, limit.detach())
 
 
 def half_aperture(x_space: torch.Tensor, curvature: Curvature, cone_k: float = 0.1) -> torch.Tensor:
@@ -120,6 +152,10 @@ def entailment_loss(
     return violation.clamp_min(0.0)
 
 
+def _same(values: torch.Tensor) -> torch.Tensor:
+    return values
+
+
 def linear(
     x_space: torch.Tensor,
     weight: torch.Tensor,
@@ -127,13 +163,15 @@ def linear(
     bias: torch.Tensor | None,
     curvature: Curvature,
     linear_fn=F.linear,
+    per_expert=_same,
 ) -> torch.Tensor:
-    """Fully hyperbolic linear layer (Chen et al., 2022): y_s = W·[x_t; x_s] + b.
+    """Fully hyperbolic linear layer (Chen et al., 2022): y_s = W·[x_t; x_s] + b = W_s·x_s + x_t·w_t + b.
 
     weight (out, in) acts on x_s, time_weight (out,) is W's time column; returns y_s (..., out).
     The time part is a non-linear function of ‖x_s‖, which is what makes the layer depend on c.
-    `linear_fn` applies [time_weight, weight] and bias: F.linear for one layer, or an expert
-    layout's linear for the (E, out, in), (E, out) weights of many experts at once.
+    `linear_fn` applies weight and bias: F.linear for one layer, or an expert layout's linear for
+    the (E, out, in), (E, out) weights of many experts at once, with `per_expert` broadcasting the
+    (E, out) time columns to its rows. The time column is added after the product rather than
+    concatenated to the input: no copy of the input, and the product keeps the aligned width.
     """
-    full_point = torch.cat([time(x_space, curvature), x_space], dim=-1)  # [x_t; x_s]
-    return linear_fn(full_point, torch.cat([time_weight.unsqueeze(-1), weight], dim=-1), bias)
+    return linear_fn(x_space, weight, bias) + time(x_space, curvature) * per_expert(time_weight)

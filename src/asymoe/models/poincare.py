@@ -69,15 +69,16 @@ def _scaled_hyperplane_distance(
 ) -> torch.Tensor:
     """√c·v_k(x) = 2‖z_k‖·asinh(√c⟨λ_x·x, ẑ_k⟩·cosh(2√c r_k) − (λ_x − 1)·sinh(2√c r_k)).
 
-    The asinh argument of every k comes from one matmul of [√c·x_t; x_s] (x_s = λ_x·x).
+    The asinh argument of every k is [√c·x_t; x_s]·[−sinh(2√c r_k); √c cosh(2√c r_k) ẑ_k] (x_s = λ_x·x),
+    computed as one matmul of x_s plus the √c·x_t column (no concatenated copy of the input).
     """
     sqrt_c = curvature**0.5
     weight_norm = safe_norm(weight)  # (..., out, 1)
     shift = (2.0 * sqrt_c * offset).clamp(-SINH_MAX, SINH_MAX).unsqueeze(-1)  # 2√c·r_k, (..., out, 1)
     scaled_time = torch.sqrt(1.0 + curvature * safe_norm(x_space).square())  # λ_x − 1 = √c·x_t
-    # [√c x_t; x_s] against [−sinh(2√c r_k); √c cosh(2√c r_k) ẑ_k] gives the asinh argument.
-    rows = torch.cat([-torch.sinh(shift), sqrt_c * torch.cosh(shift) * weight / weight_norm], dim=-1)
-    argument = linear_fn(torch.cat([scaled_time, x_space], dim=-1), rows)  # (..., out)
+    space_rows = sqrt_c * torch.cosh(shift) * weight / weight_norm  # (..., out, in)
+    time_column = per_expert(-torch.sinh(shift).squeeze(-1))  # (..., out)
+    argument = linear_fn(x_space, space_rows) + scaled_time * time_column  # (..., out)
     return 2.0 * per_expert(weight_norm.squeeze(-1)) * torch.asinh(argument)
 
 
