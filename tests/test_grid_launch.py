@@ -151,3 +151,41 @@ def test_reconcile_a_vanished_job_and_a_finished_one(tmp_path):
     mine.mkdir()
     (mine / "status.json").write_text(json.dumps({"status": "running", "job_id": "1", "launcher": "submitit-local"}))
     assert slurm.reconcile(mine, "submitit-local")[0] == "running"  # pid 1 exists
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_after_hook_runs_on_each_finished_cell_in_its_slot_before_the_next(tmp_path, monkeypatch, jobs):
+    """`asymoe grid --analyze`: each cell is analysed as soon as it finished, with its slot's env."""
+    from asymoe.grid import runner
+
+    grid = grid_lib.load_grid(write_grid(tmp_path / "g.json", axes={"model.moe.routing.top_k": [1, 2, 3]}), [])
+    cells = grid_lib.expand(grid)
+    events, lock = [], threading.Lock()
+
+    def fake_run_cell(cell, cell_dir, command=None, env=None, output=None, on_start=None):
+        with lock:
+            events.append(("fit", cell.name))
+        return (1, "boom") if "top_k=2" in cell.name else (0, "")
+
+    def after(cell, cell_dir, env=None, output=None, say=print):
+        with lock:
+            events.append(("after", cell.name, (env or {}).get("OMP_NUM_THREADS")))
+        return "top_k=3" in cell.name  # the analysis of this cell fails
+
+    monkeypatch.setattr(runner, "run_cell", fake_run_cell)
+    monkeypatch.setattr(parallel, "run_cell", fake_run_cell)
+    states = {cell.name: "missing" for cell in cells}
+    if jobs == 1:
+        failed = runner.run_sequential(grid, tmp_path / "grid", cells, states, after)
+    else:
+        monkeypatch.setattr(parallel, "visible_gpus", lambda: [])
+        monkeypatch.setattr(parallel.os, "cpu_count", lambda: 4)
+        failed = parallel.run_parallel(grid, tmp_path / "grid", cells, states, jobs, after)
+    names = [cell.name for cell in cells]
+    assert failed == [names[1], names[2]]  # the failed fit, the failed analysis
+    threads = None if jobs == 1 else "2"
+    assert sorted(e for e in events if e[0] == "after") == [("after", names[0], threads), ("after", names[2], threads)]
+    for name in (names[0], names[2]):  # each analysis follows its own fit, in the same worker
+        assert events.index(("after", name, threads)) > events.index(("fit", name))
+    if jobs == 1:
+        assert [e[1] for e in events] == [names[0], names[0], names[1], names[2], names[2]]

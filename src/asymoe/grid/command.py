@@ -97,15 +97,20 @@ def run_cli(args) -> int:
         job_ids = {name: job_id for name, (_, job_id) in jobs.items()}
         failed = slurm.launch(grid_dir, selected, states, job_ids, args.launcher, options, args.wait)
     else:
+        after = None
+        if getattr(args, "analyze", False):  # each cell analysed as soon as it finished
+            from asymoe.analysis.cells import analyze_cell
+
+            after = analyze_cell
         with terminate_as_interrupt():
             if args.jobs > 1:
-                failed = run_parallel(grid, grid_dir, selected, states, args.jobs)
+                failed = run_parallel(grid, grid_dir, selected, states, args.jobs, after)
             else:
-                failed = run_sequential(grid, grid_dir, selected, states)
-    if getattr(args, "analyze", False):
+                failed = run_sequential(grid, grid_dir, selected, states, after)
+    if getattr(args, "analyze", False):  # cells that finished earlier (or under a scheduler), not yet analysed
         from asymoe.analysis.cells import analyze_cells
 
-        failed += analyze_cells(selected, grid_dir)
+        failed += [name for name in analyze_cells(selected, grid_dir) if name not in failed]
     paths, _ = write_report(grid_dir)
     finished = sum(cell_state(grid_dir / CELLS_DIR / cell.name) == "finished" for cell in selected)
     print(

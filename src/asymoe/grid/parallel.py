@@ -98,8 +98,8 @@ class PrefixedLines:
 class _ParallelRun:
     """State shared by the worker threads of one parallel grid run."""
 
-    def __init__(self, grid: Grid, grid_dir: Path, total: int, slots: list[Slot]):
-        self.grid, self.grid_dir, self.total = grid, grid_dir, total
+    def __init__(self, grid: Grid, grid_dir: Path, total: int, slots: list[Slot], after=None):
+        self.grid, self.grid_dir, self.total, self.after = grid, grid_dir, total, after
         self.slots: queue.Queue[Slot] = queue.Queue()
         for slot in slots:
             self.slots.put(slot)
@@ -137,6 +137,11 @@ class _ParallelRun:
                 return False
             status = record_outcome(cell_dir, started, returncode, last_line)
             self.say(f"<== {heading}: {outcome_text(status, cell_dir, self.grid.metric)}")
+            if returncode == 0 and self.after is not None and not self.stopping.is_set():
+                # On the cell's own slot (its threads, its GPU), before the slot takes the next cell.
+                return self.after(
+                    cell, cell_dir, env=slot.env, output=PrefixedLines(cell.name, self.lock), say=self.say
+                )
             return returncode != 0
         finally:
             self.slots.put(slot)
@@ -153,10 +158,16 @@ class _ParallelRun:
             stop_child(child)
 
 
-def run_parallel(grid: Grid, grid_dir: Path, selected: list[Cell], states: dict[str, str], jobs: int) -> list[str]:
-    """Run the selected unfinished cells, up to `jobs` at once; return the failed ones (in grid order)."""
+def run_parallel(
+    grid: Grid, grid_dir: Path, selected: list[Cell], states: dict[str, str], jobs: int, after=None
+) -> list[str]:
+    """Run the selected unfinished cells, up to `jobs` at once; return the failed ones (in grid order).
+
+    `after(cell, cell_dir, env=, output=, say=)`, when given, runs on each cell that finished,
+    on its slot; it returns True for a failure (e.g. `asymoe grid --analyze`'s analysis).
+    """
     slots = device_slots(jobs, visible_gpus(), os.cpu_count() or 1)
-    run = _ParallelRun(grid, grid_dir, len(selected), slots)
+    run = _ParallelRun(grid, grid_dir, len(selected), slots, after)
     pending = []
     for index, cell in enumerate(selected, 1):
         if states[cell.name] == "finished":

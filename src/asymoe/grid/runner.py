@@ -191,8 +191,11 @@ def outcome_text(status: dict, cell_dir: Path, metric: str) -> str:
     )
 
 
-def run_sequential(grid: Grid, grid_dir: Path, selected: list[Cell], states: dict[str, str]) -> list[str]:
-    """Run the selected cells that have not finished, one after another; return the failed ones."""
+def run_sequential(grid: Grid, grid_dir: Path, selected: list[Cell], states: dict[str, str], after=None) -> list[str]:
+    """Run the selected cells that have not finished, one after another; return the failed ones.
+
+    `after` (as for `run_parallel`) runs on each cell right after it finished.
+    """
     to_run = [cell for cell in selected if states[cell.name] != "finished"]
     failed, durations = [], []
     for index, cell in enumerate(selected, 1):
@@ -220,4 +223,6 @@ def run_sequential(grid: Grid, grid_dir: Path, selected: list[Cell], states: dic
         if returncode != 0:
             failed.append(cell.name)
         print(f"<== {heading}: {outcome_text(status, cell_dir, grid.metric)}", flush=True)
+        if returncode == 0 and after is not None and after(cell, cell_dir, say=lambda text: print(text, flush=True)):
+            failed.append(cell.name)
     return failed
