@@ -242,7 +242,9 @@ class MoEBlock(nn.Module):
         decisions: dict[str, RouterDecision] = {}
         for name, router in self.routers.items():
             token_ids = torch.where(meta.router_tokens(name).reshape(-1))[0]  # (n,)
-            logits = router(tokens[token_ids])  # (n, eligible) float32
+            # The gate runs on every position and its logits are selected: gathering the (n, d)
+            # token rows instead would cost a scatter-add of (T, d) in the backward.
+            logits = router(tokens).index_select(0, token_ids)  # (n, eligible) float32
             bias = self._logit_bias(name, extras, token_ids, logits)
             if bias is not None:
                 logits = logits + bias
@@ -268,8 +270,9 @@ class MoEBlock(nn.Module):
         column = 0
         for group_name in self.router_groups[router]:
             group = self.groups[group_name]
-            group_bias = group.logit_bias({k: v[token_ids] for k, v in extras[group_name].items()})
+            group_bias = group.logit_bias(extras[group_name])  # (T,) or None
             if group_bias is not None:
+                group_bias = group_bias.index_select(0, token_ids)
                 if bias is None:
                     bias = torch.zeros_like(logits)
                 bias[:, column : column + group.num_experts] += group_bias.float().unsqueeze(-1)
