@@ -89,7 +89,8 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(tiny_run):
     run_dir, _ = tiny_run
-    module, datamodule, _ = load_for_analysis(run_dir, AnalysisOptions(), [])
+    module, datamodule, _, split = load_for_analysis(run_dir, AnalysisOptions(), [])
+    assert split == "test" and set(datamodule.samples) == {"test"}  # only the analysed split is loaded
     return module, datamodule
 
 

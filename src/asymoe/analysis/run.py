@@ -27,6 +27,7 @@ from asymoe.analysis.tally import AnalysisTally, expert_columns, expert_names
 from asymoe.config import ConfigError
 from asymoe.data.datamodule import VQADataModule
 from asymoe.data.records import ImageGroupedBatchSampler, make_collate
+from asymoe.data.tokenizer import WordTokenizer
 from asymoe.export import run_checkpoint
 from asymoe.training.checkpoints import load_full_checkpoint
 from asymoe.training.module import VLMModule
@@ -69,7 +70,7 @@ def _positive_int(key: str, value: str) -> int:
 
 
 def load_for_analysis(run_dir: Path, options: AnalysisOptions, overrides: list[str]):
-    """(module with the checkpoint's weights, encoded datamodule, checkpoint path)."""
+    """(module with the checkpoint's weights, encoded datamodule, checkpoint path, the split to analyse)."""
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
     # The analysis chooses its own questions: the run's own split caps do not apply.
@@ -77,7 +78,13 @@ def load_for_analysis(run_dir: Path, options: AnalysisOptions, overrides: list[s
     if cfg.task != "vqa":
         raise ConfigError(f"{run_dir}: asymoe analyze measures vision-language runs; this run's task is '{cfg.task}'")
     datamodule = VQADataModule(cfg)
-    tokenizer = datamodule.prepare(run_dir)
+    names = datamodule.split_names()
+    split = options.split or next((name for name in names if name.startswith("test")), "val")
+    if split not in names:
+        raise ConfigError(f"split={split!r}: not a split of this run's data (valid: {', '.join(names)})")
+    # Only the analysed split is loaded (and train, when the run directory holds no tokenizer).
+    has_tokenizer = cfg.model.language.pretrained_path or (run_dir / WordTokenizer.FILENAME).is_file()
+    tokenizer = datamodule.prepare(run_dir, only={split} if has_tokenizer else {split, "train"})
     module = VLMModule(cfg, tokenizer)
     path = Path(options.ckpt) if options.ckpt else run_checkpoint(run_dir)
     if not path.exists():
@@ -87,7 +94,7 @@ def load_for_analysis(run_dir: Path, options: AnalysisOptions, overrides: list[s
     except RuntimeError as error:
         raise ConfigError(f"ckpt: {path} does not match the model of {run_dir / 'config.yaml'} ({error})") from None
     datamodule.encode(module.model.num_image_tokens)
-    return module.eval(), datamodule, path
+    return module.eval(), datamodule, path, split
 
 
 def _device(option: str) -> torch.device:
@@ -168,10 +175,7 @@ def analyze(run_dir: str | Path, items: list[str] | None = None) -> dict:
     started = time.time()
     run_dir = Path(run_dir)
     options, overrides = AnalysisOptions.parse(list(items or []))
-    module, datamodule, checkpoint = load_for_analysis(run_dir, options, overrides)
-    split = options.split or (datamodule.test_splits or ["val"])[0]
-    if split not in datamodule.samples:
-        raise ConfigError(f"split={split!r}: not a split of this run's data (valid: {', '.join(datamodule.samples)})")
+    module, datamodule, checkpoint, split = load_for_analysis(run_dir, options, overrides)
     module.to(_device(options.device))
     analysis = Analysis(module, datamodule, split, options)
     tally = analysis.run()

@@ -83,17 +83,31 @@ class VQADataModule(L.LightningDataModule):
 
     # -- set-up ---------------------------------------------------------------------------------
 
-    def prepare(self, tokenizer_dir: str | Path | None = None) -> Tokenizer:
+    def split_names(self) -> list[str]:
+        """The splits this data source has, in order, without loading them."""
+        data = self.data
+        if data.source == "scenes":
+            from asymoe.data.scenes.dataset import SPLIT_FILES
+
+            return list(SPLIT_FILES)
+        if data.source == "easy_vqa":
+            return ["train", "val", "test"]
+        return ["train"] + [name for name, path in (("val", data.val_path), ("test", data.test_path)) if path]
+
+    def prepare(self, tokenizer_dir: str | Path | None = None, only: set[str] | None = None) -> Tokenizer:
+        """Load the splits (all, or those in `only`, e.g. the one an analysis reads) and the tokenizer."""
         data = self.data
         if data.source == "easy_vqa":
             self.splits = load_easy_vqa(data)
         elif data.source == "scenes":
-            self.splits = load_scenes(data)
+            self.splits = load_scenes(data, only)
         else:
-            self.splits = {"train": load_llava_json(data.train_path, data.image_root, data.on_error)}
-            for name, path in (("val", data.val_path), ("test", data.test_path)):
-                if path is not None:
+            self.splits = {}
+            for name, path in (("train", data.train_path), ("val", data.val_path), ("test", data.test_path)):
+                if path is not None and (not only or name in only):
                     self.splits[name] = load_llava_json(path, data.image_root, data.on_error)
+        if only:
+            self.splits = {name: split for name, split in self.splits.items() if name in only}
         for name, split in self.splits.items():
             limit = data.limit_test if name.startswith("test") else getattr(data, f"limit_{name}")
             if limit is not None:
@@ -112,6 +126,7 @@ class VQADataModule(L.LightningDataModule):
         elif tokenizer_dir is not None and (Path(tokenizer_dir) / WordTokenizer.FILENAME).is_file():
             self.tokenizer = WordTokenizer.load(Path(tokenizer_dir))
         else:
+            assert "train" in self.splits, "the word tokenizer is built from the train split"
             self.tokenizer = WordTokenizer.build(text for r in self.splits["train"].records for _, text in r.turns)
         return self.tokenizer
 

@@ -86,6 +86,7 @@ def load_llava_json(path: str, image_root: str | None, on_error: str) -> Split:
         raise DataError(f"{file}: expected a JSON list of records")
     root = Path(image_root) if image_root else file.parent
     records, images, skipped = [], {}, 0
+    unreadable: dict[Path, str] = {}  # images checked once each (a scene serves ~10 questions): path -> reason
     roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
     for index, item in enumerate(data):
         origin = f"{file}:{index}"
@@ -106,14 +107,12 @@ def load_llava_json(path: str, image_root: str | None, on_error: str) -> Split:
                 if not isinstance(item["image"], str):
                     raise DataError(f"{origin}: 'image' must be a file name (a string), got {item['image']!r}")
                 image_path = root / item["image"]
-                if not image_path.is_file():
-                    raise DataError(f"{origin}: image not found: {image_path}")
-                try:
-                    with Image.open(image_path) as image:
-                        image.verify()
-                except Exception as error:
-                    raise DataError(f"{origin}: unreadable image {image_path} ({type(error).__name__})") from None
                 key = str(image_path)
+                if key not in images:
+                    if image_path not in unreadable:
+                        unreadable[image_path] = _image_problem(image_path)
+                    if unreadable[image_path]:
+                        raise DataError(f"{origin}: {unreadable[image_path]}")
                 images[key] = str(image_path)
                 if IMAGE_TOKEN not in turns[0][1]:
                     turns[0] = ("user", f"{IMAGE_TOKEN}\n{turns[0][1]}")
@@ -125,6 +124,18 @@ def load_llava_json(path: str, image_root: str | None, on_error: str) -> Split:
                 raise
             skipped += 1
     return Split(records, images, skipped)
+
+
+def _image_problem(path: Path) -> str:
+    """Why an image file cannot be used ("" when it can): missing, or Pillow cannot verify it."""
+    if not path.is_file():
+        return f"image not found: {path}"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:
+        return f"unreadable image {path} ({type(error).__name__})"
+    return ""
 
 
 def _optional_strings(item: dict, origin: str) -> dict[str, str]:
@@ -139,9 +150,11 @@ def _optional_strings(item: dict, origin: str) -> dict[str, str]:
     return found
 
 
-def load_scenes(config: DataConfig) -> dict[str, Split]:
-    """The scenes benchmark (generated into its cache on first use): train, val and every test split."""
+def load_scenes(config: DataConfig, only: set[str] | None = None) -> dict[str, Split]:
+    """The scenes benchmark (generated into its cache on first use): train, val and every test split
+    (or the splits in `only`)."""
     from asymoe.data.scenes import ensure_dataset, split_files
 
     directory = ensure_dataset(config.scenes)
-    return {name: load_llava_json(str(path), None, "raise") for name, path in split_files(directory).items()}
+    files = split_files(directory)
+    return {name: load_llava_json(str(path), None, "raise") for name, path in files.items() if not only or name in only}
