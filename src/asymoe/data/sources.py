@@ -86,7 +86,7 @@ def load_llava_json(path: str, image_root: str | None, on_error: str) -> Split:
         raise DataError(f"{file}: expected a JSON list of records")
     root = Path(image_root) if image_root else file.parent
     records, images, skipped = [], {}, 0
-    unreadable: dict[Path, str] = {}  # images checked once each (a scene serves ~10 questions): path -> reason
+    problems: dict[Path, str] = {}  # each image checked once (a scene serves ~10 questions): path -> "" or why not
     roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
     for index, item in enumerate(data):
         origin = f"{file}:{index}"
@@ -109,10 +109,10 @@ def load_llava_json(path: str, image_root: str | None, on_error: str) -> Split:
                 image_path = root / item["image"]
                 key = str(image_path)
                 if key not in images:
-                    if image_path not in unreadable:
-                        unreadable[image_path] = _image_problem(image_path)
-                    if unreadable[image_path]:
-                        raise DataError(f"{origin}: {unreadable[image_path]}")
+                    if image_path not in problems:
+                        problems[image_path] = _image_problem(image_path)
+                    if problems[image_path]:
+                        raise DataError(f"{origin}: {problems[image_path]}")
                 images[key] = str(image_path)
                 if IMAGE_TOKEN not in turns[0][1]:
                     turns[0] = ("user", f"{IMAGE_TOKEN}\n{turns[0][1]}")

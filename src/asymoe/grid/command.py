@@ -107,10 +107,13 @@ def run_cli(args) -> int:
                 failed = run_parallel(grid, grid_dir, selected, states, args.jobs, after)
             else:
                 failed = run_sequential(grid, grid_dir, selected, states, after)
-    if getattr(args, "analyze", False):  # cells that finished earlier (or under a scheduler), not yet analysed
+    if getattr(args, "analyze", False):
         from asymoe.analysis.cells import analyze_cells
 
-        failed += [name for name in analyze_cells(selected, grid_dir) if name not in failed]
+        # Cells run here were analysed as they finished (a failed analysis is not retried); the
+        # rest — finished in an earlier run, or by a scheduler — are analysed now.
+        run_here = set() if args.launcher != "local" else {c.name for c in selected if states[c.name] != "finished"}
+        failed += analyze_cells([c for c in selected if c.name not in run_here], grid_dir)
     paths, _ = write_report(grid_dir)
     finished = sum(cell_state(grid_dir / CELLS_DIR / cell.name) == "finished" for cell in selected)
     print(

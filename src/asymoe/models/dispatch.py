@@ -166,7 +166,7 @@ class ExpertRows:
     @cached_property
     def token_route(self) -> Route:
         """tokens -> rows."""
-        return Route(self.token_index, None, 0)
+        return Route(self.token_index, None)
 
     @cached_property
     def position_route(self) -> Route:
@@ -224,7 +224,7 @@ def group_rows(assignments: Assignments, first_expert: int, num_experts: int) ->
 
 @dataclass(frozen=True)
 class Route:
-    """A row index into `size` source rows in which the value `size` means "a row of zeros".
+    """A row index into n source rows in which any value ≥ n means "a row of zeros".
 
     `index` is clamped into range and `zero` names the output rows to zero afterwards: a long
     tensor of rows on the exact-sizes path (zeroing a few rows costs nothing), a bool mask on the
@@ -234,15 +234,15 @@ class Route:
 
     index: torch.Tensor
     zero: torch.Tensor | None
-    size: int
 
     @staticmethod
     def of(index: torch.Tensor, size: int, sync_free: bool) -> Route:
         reads_zero = index >= size
+        clamped = index.clamp(max=max(size - 1, 0))
         if sync_free:
-            return Route(index.clamp(max=max(size - 1, 0)), reads_zero, size)
+            return Route(clamped, reads_zero)
         zero = reads_zero.nonzero().squeeze(-1)
-        return Route(index.clamp(max=max(size - 1, 0)), zero if zero.numel() else None, size)
+        return Route(clamped, zero if zero.numel() else None)
 
 
 def _gather(values: torch.Tensor, route: Route) -> torch.Tensor:
@@ -423,7 +423,7 @@ class PaddedLayout(ExpertLayout):
         slot_token = torch.cat([rows.token_index, rows.token_index.new_full((1,), num_tokens)])[slot_row]
         position_slot = torch.cat([slot, slot.new_full((1,), num_slots)])[rows.row_of_position]
         self.slot_route = Route.of(slot_row, num_rows, False)  # rows -> slots
-        self.row_route = Route(slot, None, num_slots)  # slots -> rows
+        self.row_route = Route(slot, None)  # slots -> rows
         self.token_route = Route.of(slot_token, num_tokens, False)  # tokens -> slots
         self.position_route = Route.of(position_slot, num_slots, False)  # slots -> (token, slot) positions
         self.inverse_position_route = Route.of(slot_position, num_positions, False)  # positions -> slots

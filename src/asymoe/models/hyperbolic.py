@@ -239,7 +239,7 @@ class HyperbolicExperts(ExpertGroup):
             kappa = self.manifold_curvature()
             point = self._to_manifold(tokens.float(), kappa)  # (n, d) space part
             weights = {name: weight[expert].float() for name, weight in self._expert_weights().items()}
-            output = self._layers(point, kappa, weights, F.linear, lambda values: values)
+            output = self._layers(point, kappa, weights, F.linear, lorentz.identity)
         return output.to(tokens.dtype)  # (n, d)
 
     def forward_grouped(

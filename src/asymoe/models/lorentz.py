@@ -152,7 +152,8 @@ def entailment_loss(
     return violation.clamp_min(0.0)
 
 
-def _same(values: torch.Tensor) -> torch.Tensor:
+def identity(values: torch.Tensor) -> torch.Tensor:
+    """The `per_expert` of a single layer (one expert's weights broadcast as they are)."""
     return values
 
 
@@ -163,7 +164,7 @@ def linear(
     bias: torch.Tensor | None,
     curvature: Curvature,
     linear_fn=F.linear,
-    per_expert=_same,
+    per_expert=identity,
 ) -> torch.Tensor:
     """Fully hyperbolic linear layer (Chen et al., 2022): y_s = W·[x_t; x_s] + b = W_s·x_s + x_t·w_t + b.
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from asymoe.models import lorentz
-from asymoe.models.lorentz import SINH_MAX, Curvature, safe_norm
+from asymoe.models.lorentz import SINH_MAX, Curvature, identity, safe_norm
 
 BALL_EPS = 1e-5  # ball points stay within (1 − ε)/√c of the origin
 
@@ -60,10 +60,6 @@ def dist(x: torch.Tensor, y: torch.Tensor, curvature: Curvature) -> torch.Tensor
     return lorentz.dist(to_lorentz(x, curvature), to_lorentz(y, curvature), curvature)
 
 
-def _same(values: torch.Tensor) -> torch.Tensor:
-    return values
-
-
 def _scaled_hyperplane_distance(
     x_space: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, curvature: Curvature, linear_fn, per_expert
 ) -> torch.Tensor:
@@ -89,7 +85,7 @@ def hyperplane_distance(
 
     weight (out, in) holds the z_k as rows, offset (out,) the r_k; returns (..., out).
     """
-    return _scaled_hyperplane_distance(x_space, weight, offset, curvature, F.linear, _same) / curvature**0.5
+    return _scaled_hyperplane_distance(x_space, weight, offset, curvature, F.linear, identity) / curvature**0.5
 
 
 def fc_lifted(
@@ -98,7 +94,7 @@ def fc_lifted(
     offset: torch.Tensor,
     curvature: Curvature,
     linear_fn=F.linear,
-    per_expert=_same,
+    per_expert=identity,
 ) -> torch.Tensor:
     """HNN++ Poincaré FC layer on hyperboloid coordinates: returns w = sinh(√c·v(x))/√c.
 
