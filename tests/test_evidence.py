@@ -11,6 +11,7 @@ from asymoe.config import ConfigError, EvidenceConfig, load
 from asymoe.models.evidence import EvidenceExperts, evidence_attention
 from asymoe.models.language import build_groups
 from asymoe.models.moe import MoEBlock, MoEState, TokenMeta
+from asymoe.models.positions import PackedPositions
 
 HIDDEN, WIDTH, EXPERTS, HEADS = 16, 24, 3, 4
 
@@ -290,3 +291,46 @@ def test_upcycled_context_columns_get_gradient_from_the_first_step():
 def test_heads_must_divide_the_hidden_size():
     with pytest.raises(ConfigError, match="model.moe.evidence.heads"):
         EvidenceExperts(2, HIDDEN, WIDTH, "silu", EvidenceConfig(heads=3))
+
+
+def test_packed_positions_round_trip_and_put_zeros_elsewhere():
+    mask = torch.tensor([[False, True, False, True, True], [True, False, False, False, False]])
+    packed = PackedPositions.of(mask)
+    assert packed.index.shape == (2, 3) and not packed.every
+    assert packed.index[0].tolist() == [1, 3, 4] and packed.index[1, 0] == 0
+    assert packed.valid.tolist() == [[True, True, True], [True, False, False]]
+    assert all(len(set(row.tolist())) == 3 for row in packed.index)  # distinct: an injective scatter
+    states = torch.randn(2, 5, 3, requires_grad=True)
+    back = packed.scatter(packed.gather(states))
+    assert torch.equal(back[mask], states[mask]) and torch.equal(back[~mask], torch.zeros_like(back[~mask]))
+    back.sum().backward()
+    assert torch.equal(states.grad, mask.unsqueeze(-1).float().expand_as(states))
+    every = PackedPositions.of(torch.ones(2, 5, dtype=torch.bool))
+    assert every.every and every.gather(states) is states and every.scatter(states) is states
+
+
+def test_attention_for_the_reachable_positions_only_equals_the_full_one_there():
+    """The block packs the language tokens (its evidence group's only router): same values and gradients."""
+    group, meta = make_group(), make_meta()
+    hidden = torch.randn(2, 10, HIDDEN, requires_grad=True)
+    full = group.prepare(hidden, meta)
+    language = meta.reachable(("language",))
+    packed = group.prepare(hidden, meta, language)
+    assert meta.packed(language) is meta.packed(language)  # packed once per batch
+    flat = language.reshape(-1)
+    for key in ("context", "s_evd", "alpha"):
+        torch.testing.assert_close(packed[key][flat], full[key][flat], rtol=0, atol=1e-6)
+    assert torch.equal(packed["context"][~flat], torch.zeros_like(packed["context"][~flat]))
+    grads = []
+    for extras in (full, packed):
+        loss = (extras["context"][flat].square().sum() + extras["s_evd"][flat].sum()).float()
+        grads.append(torch.autograd.grad(loss, [hidden, *group.parameters()], allow_unused=True))
+    for full_grad, packed_grad in zip(*grads, strict=True):
+        if full_grad is None:
+            assert packed_grad is None
+        else:
+            torch.testing.assert_close(packed_grad, full_grad, rtol=1e-5, atol=1e-6)
+    # In modality routing the block hands the evidence group exactly the language tokens.
+    block, _ = moe_block(route_bias=True)
+    assert block.group_routers["language"] == ("language",) and block.group_routers["shared"] == ("vision", "language")
+    assert torch.equal(meta.reachable(block.group_routers["shared"]), meta.valid)

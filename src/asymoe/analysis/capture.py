@@ -83,8 +83,8 @@ def _record_routing(captured: Captured, block: MoEBlock):
 def _record_extras(captured: Captured, layer: int, group: ExpertGroup):
     prepare = group.prepare
 
-    def recording_prepare(hidden, meta):
-        extras = prepare(hidden, meta)
+    def recording_prepare(hidden, meta, reachable=None):
+        extras = prepare(hidden, meta, reachable)
         captured.extras[layer] = {k: extras[k].detach().float() for k in RECORDED_EXTRAS if k in extras}
         return extras
 

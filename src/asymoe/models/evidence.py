@@ -19,10 +19,12 @@ Our reading (the paper leaves these points open):
   W2 = down_proj (E, d, f), W3 = evidence_gate_up_proj (E, 2f, 2d), W4 = evidence_down_proj (E, d, f).
 - CrossAttn is multi-head scaled dot-product attention with learned q/k/v/o projections
   (`heads` heads), causal (j ≤ i) and restricted to evidence positions. The paper does not say
-  whether each expert owns one; we compute it once per layer, in `prepare`, for every position, and
-  the group's experts share it (an expert only adds its own W3/W4 on top), so its cost does not
-  grow with the number of experts. Because it runs for every token whatever the routing, the
-  activated-parameter count includes it (and w_evd) in full for every language token.
+  whether each expert owns one; we compute it once per layer, in `prepare`, and the group's
+  experts share it (an expert only adds its own W3/W4 on top), so its cost does not grow with the
+  number of experts. It runs for every position that can reach the group (its routers' tokens: the
+  language tokens in modality routing, packed per sample by asymoe.models.positions), whatever
+  the routing, so the activated-parameter count includes it (and w_evd) in full for every
+  language token; other positions get a context and s_evd of 0, which nothing reads.
 - Attn in the routing bias is the parameter-free single-head version of the same attention (q, k,
   v = h); only w_evd (d,) is learned. A position with no evidence at or before it gets a context of
   exactly 0 and s_evd = 0 (no evidence, no priority) rather than σ(0) = 0.5.
@@ -46,28 +48,37 @@ from torch import nn
 from asymoe.config import ConfigError, EvidenceConfig
 from asymoe.models.dispatch import ExpertLayout, ExpertRows, row_values
 from asymoe.models.experts import FFNExperts, gated_ffn
+from asymoe.models.positions import PackedPositions
 
 if TYPE_CHECKING:
     from asymoe.models.moe import TokenMeta
 
 
 def evidence_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, evidence_mask: torch.Tensor
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    evidence_mask: torch.Tensor,
+    query_position: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled dot-product attention of every position i over its sample's evidence positions j ≤ i.
+    """Scaled dot-product attention of each query at position i over its sample's evidence positions j ≤ i.
 
-    query, key, value: (batch, heads, seq, head_dim); evidence_mask: (batch, seq) bool.
-    Returns the attention output (batch, heads, seq, head_dim), exactly 0 on rows with no evidence,
-    and has_evidence (batch, seq).
+    query (batch, heads, Q, head_dim); key, value (batch, heads, seq, head_dim); evidence_mask
+    (batch, seq) bool; query_position (batch, Q): each query's position (default: query q is at
+    position q, Q = seq). Returns the attention output (batch, heads, Q, head_dim), exactly 0 on
+    rows with no evidence, and has_evidence (batch, Q).
     """
-    seq = query.shape[-2]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()  # (query, key): j <= i
-    allowed = causal.unsqueeze(0) & evidence_mask.unsqueeze(1)  # (batch, seq, seq)
-    has_evidence = allowed.any(dim=-1)  # (batch, seq)
+    seq = key.shape[-2]
+    if query_position is None:
+        query_position = torch.arange(query.shape[-2], device=query.device).expand(query.shape[0], -1)
+    key_position = torch.arange(seq, device=query.device)
+    causal = key_position <= query_position.unsqueeze(-1)  # (batch, Q, seq): j <= i
+    allowed = causal & evidence_mask.unsqueeze(1)
+    has_evidence = allowed.any(dim=-1)  # (batch, Q)
     # An all-masked row would softmax over nothing (NaN in value and gradient). Such a row attends to
     # its own position instead, and its output (hence its gradient) is multiplied by 0 below.
-    diagonal = torch.eye(seq, dtype=torch.bool, device=query.device).unsqueeze(0)
-    allowed = allowed | (diagonal & ~has_evidence.unsqueeze(-1))
+    own = key_position == query_position.unsqueeze(-1)
+    allowed = allowed | (own & ~has_evidence.unsqueeze(-1))
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed.unsqueeze(1))
     return out * has_evidence[:, None, :, None].to(out.dtype), has_evidence
 
@@ -92,17 +103,23 @@ class EvidenceCrossAttention(nn.Module):
         return states.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)  # (batch, heads, seq, head_dim)
 
     def forward(
-        self, query_states: torch.Tensor, evidence_states: torch.Tensor, evidence_mask: torch.Tensor
+        self,
+        query_states: torch.Tensor,
+        evidence_states: torch.Tensor,
+        evidence_mask: torch.Tensor,
+        query_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """query_states, evidence_states (batch, seq, d) -> context (batch, seq, d)."""
-        batch, seq, width = query_states.shape
+        """query_states (batch, Q, d) at query_position (batch, Q) (default: 0..Q−1), evidence_states
+        (batch, seq, d) -> context (batch, Q, d)."""
+        batch, queries, width = query_states.shape
         attended, _ = evidence_attention(
             self._split(self.q_proj(query_states)),
             self._split(self.k_proj(evidence_states)),
             self._split(self.v_proj(evidence_states)),
             evidence_mask,
+            query_position,
         )
-        return self.o_proj(attended.transpose(1, 2).reshape(batch, seq, width))
+        return self.o_proj(attended.transpose(1, 2).reshape(batch, queries, width))
 
 
 class EvidenceExperts(FFNExperts):
@@ -155,17 +172,23 @@ class EvidenceExperts(FFNExperts):
         self.evidence_gate_up_proj[:, :, : self.hidden_size] = gate_up
         self.evidence_down_proj.copy_(down.unsqueeze(0).expand_as(self.evidence_down_proj))
 
-    def prepare(self, hidden: torch.Tensor, meta: TokenMeta) -> dict[str, torch.Tensor]:
+    def prepare(
+        self, hidden: torch.Tensor, meta: TokenMeta, reachable: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         batch, seq, width = hidden.shape
         tokens = hidden.reshape(batch * seq, width)
-        context = self.cross_attention(hidden, hidden, meta.evidence).reshape(batch * seq, width)
+        # Both attentions run only for the positions that can reach the group (the others' extras are 0).
+        positions = meta.packed(reachable) if reachable is not None else PackedPositions.everywhere(hidden)
+        queries = positions.gather(hidden)  # (batch, Q, d)
+        attended = self.cross_attention(queries, hidden, meta.evidence, positions.index)
+        extras = {"context": positions.scatter(attended).reshape(batch * seq, width)}
         if self.fixed_alpha is None:
-            alpha = torch.sigmoid(F.linear(tokens, self.alpha_weight, self.alpha_bias))  # (tokens, experts)
+            extras["alpha"] = torch.sigmoid(F.linear(tokens, self.alpha_weight, self.alpha_bias))  # (tokens, experts)
         else:
-            alpha = tokens.new_full((batch * seq, self.num_experts), self.fixed_alpha)
-        extras = {"context": context, "alpha": alpha}
+            extras["alpha"] = tokens.new_full((batch * seq, self.num_experts), self.fixed_alpha)
         if self.route_bias:
-            extras["s_evd"] = self._evidence_score(hidden, meta.evidence).reshape(batch * seq)
+            score = self._evidence_score(queries, hidden, meta.evidence, positions.index)  # (batch, Q)
+            extras["s_evd"] = positions.scatter(score).reshape(batch * seq)
         # Kept for `scalars`, which reduces them only when statistics are read.
         self._last = (
             meta.language.reshape(-1),
@@ -173,13 +196,17 @@ class EvidenceExperts(FFNExperts):
         )
         return extras
 
-    def _evidence_score(self, hidden: torch.Tensor, evidence_mask: torch.Tensor) -> torch.Tensor:
-        """s_evd = σ(w_evd · Attn(h, c)) (Eqs. 18-19), float32 like the router; 0 without evidence."""
+    def _evidence_score(
+        self, queries: torch.Tensor, hidden: torch.Tensor, evidence_mask: torch.Tensor, query_position: torch.Tensor
+    ) -> torch.Tensor:
+        """s_evd = σ(w_evd · Attn(h, c)) (Eqs. 18-19) for queries (batch, Q, d) at query_position, float32
+        like the router; 0 without evidence."""
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            states = hidden.float().unsqueeze(1)  # (batch, 1, seq, d): one head, q = k = v = h
-            attended, has_evidence = evidence_attention(states, states, states, evidence_mask)
+            states = hidden.float().unsqueeze(1)  # (batch, 1, seq, d): one head, k = v = h
+            query = queries.float().unsqueeze(1)  # q = h at the query positions
+            attended, has_evidence = evidence_attention(query, states, states, evidence_mask, query_position)
             score = torch.sigmoid(F.linear(attended.squeeze(1), self.route_weight.float().unsqueeze(0)))
-            return score.squeeze(-1) * has_evidence  # (batch, seq)
+            return score.squeeze(-1) * has_evidence  # (batch, Q)
 
     def logit_bias(self, extras: dict[str, torch.Tensor]) -> torch.Tensor | None:
         return extras["s_evd"] if self.route_bias else None

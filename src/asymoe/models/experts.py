@@ -44,8 +44,10 @@ class ExpertGroup(nn.Module):
     """Base class of an expert group.
 
     Subclasses implement `expert_forward`; they may also
-    - `prepare(hidden, meta)`: per-token tensors the experts need besides the token itself
-      (returned as a dict of (tokens, ...) tensors, indexed together with the tokens);
+    - `prepare(hidden, meta, reachable)`: per-token tensors the experts need besides the token
+      itself (returned as a dict of (tokens, ...) tensors, indexed together with the tokens);
+      `reachable` (batch, seq) marks the positions the group's routers route (None: all), so
+      work only they need may skip the rest;
     - `logit_bias(extras)`: a (tokens,) bias added to this group's router logits;
     - `aux_losses(...)`: auxiliary losses (see moe.MoEBlock);
     - `scalars()`: statistics of the last forward, read only on logging steps;
@@ -58,7 +60,9 @@ class ExpertGroup(nn.Module):
     # Whether the experts compute in float32 whatever the autocast state (the hyperbolic ones).
     float32_experts: bool = False
 
-    def prepare(self, hidden: torch.Tensor, meta: TokenMeta) -> dict[str, torch.Tensor]:
+    def prepare(
+        self, hidden: torch.Tensor, meta: TokenMeta, reachable: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         return {}
 
     def logit_bias(self, extras: dict[str, torch.Tensor]) -> torch.Tensor | None:

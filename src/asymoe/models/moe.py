@@ -27,6 +27,7 @@ from asymoe.config import MoEConfig
 from asymoe.layout import GROUP_NAMES, SHARED_ROUTER, eligible_groups, router_names
 from asymoe.models import dispatch
 from asymoe.models.experts import ExpertGroup
+from asymoe.models.positions import PackedPositions
 from asymoe.models.routing import (
     Router,
     Routing,
@@ -53,6 +54,8 @@ class TokenMeta:
     attention_mask: torch.Tensor  # real (non-padding) positions
     evidence_mask: torch.Tensor  # image tokens + prompt/question tokens (never answers, padding, template)
     answer_mask: torch.Tensor  # supervised answer positions
+    _reachable: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    _packed: dict[int, tuple[torch.Tensor, PackedPositions]] = field(default_factory=dict, init=False, repr=False)
 
     @cached_property
     def valid(self) -> torch.Tensor:
@@ -95,6 +98,22 @@ class TokenMeta:
         if router == SHARED_ROUTER:
             return self.valid
         return self.vision if router == "vision" else self.language
+
+    def reachable(self, routers: tuple[str, ...]) -> torch.Tensor:
+        """(batch, seq) positions any of `routers` routes, built once per batch (every layer shares it)."""
+        if len(routers) == 1:
+            return self.router_tokens(routers[0])
+        if routers not in self._reachable:
+            masks = [self.router_tokens(router) for router in routers]
+            self._reachable[routers] = torch.stack(masks).any(0) if masks else torch.zeros_like(self.valid)
+        return self._reachable[routers]
+
+    def packed(self, mask: torch.Tensor) -> PackedPositions:
+        """`mask`'s positions packed per sample, cached for a mask this TokenMeta holds (`reachable`)."""
+        cached = self._packed.get(id(mask))
+        if cached is None or cached[0] is not mask:
+            cached = self._packed[id(mask)] = (mask, PackedPositions.of(mask))
+        return cached[1]
 
 
 @dataclass
@@ -196,6 +215,11 @@ class MoEBlock(nn.Module):
             self.routers[router] = Router(hidden_size, len(eligible), config.routing.jitter)
             # Router-local expert j of router r is global expert eligible_r[j].
             self.register_buffer(f"eligible_{router}", eligible, persistent=False)
+        # The routers that can send tokens to each group.
+        self.group_routers: dict[str, tuple[str, ...]] = {
+            name: tuple(router for router, router_groups in self.router_groups.items() if name in router_groups)
+            for name in self.groups
+        }
         self.tail_top_a = self._tail_top_a()
         self.slots = max([config.routing.top_k, *self.tail_top_a.values()])
         # Python-side handle on the shared state; not a submodule and not in the state dict.
@@ -219,7 +243,10 @@ class MoEBlock(nn.Module):
         batch, seq, width = hidden.shape
         assert meta.attention_mask.shape == (batch, seq), "token metadata does not match the hidden states"
         tokens = hidden.reshape(batch * seq, width)  # (tokens, d)
-        extras = {name: group.prepare(hidden, meta) for name, group in self.groups.items()}
+        extras = {
+            name: group.prepare(hidden, meta, meta.reachable(self.group_routers[name]))
+            for name, group in self.groups.items()
+        }
         decisions, routing = self._route(tokens, meta, extras)
         group_outputs, routed_weight = self._dispatch(tokens, routing, extras)
         out = sum(group_outputs.values()).reshape(batch, seq, width)  # combine
