@@ -496,3 +496,71 @@ def test_clip_radius_backward_equals_autograd_of_its_formula():
     torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-10, atol=1e-12)
     assert torch.equal(mine.grad[[0, 2, 3, 5]], grad[[0, 2, 3, 5]])  # unclipped rows: the identity
     assert not torch.allclose(mine.grad[[1, 4]], grad[[1, 4]])
+
+
+@pytest.mark.parametrize("kind", ["exp", "log", "log_clipped"])
+def test_radial_maps_hand_written_backward_equals_autograd_of_the_formulas(kind):
+    """exp_o, log_o and log_o ∘ clip: values and gradients (input and curvature) in float64."""
+    torch.manual_seed(0)
+    curvature = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
+    limit = lorentz.RADIUS_MAX / 0.7**0.5
+    x = torch.randn(9, 5, dtype=torch.float64)
+    x[1] *= 1e-4 / x[1].norm()  # the small-u series
+    x[2] = 0.0  # below the norm floor
+    x[3] *= 3 * limit / x[3].norm()  # clipped (log) / past the sinh clamp (exp)
+    x[4] *= 20.0 / x[4].norm()
+    grad = torch.randn_like(x)
+
+    def reference(v, c):
+        sqrt_c = c**0.5
+        if kind == "exp":
+            u = sqrt_c * lorentz.safe_norm(v)
+            return torch.sinh(u.clamp(max=lorentz.SINH_MAX)) / u * v
+        if kind == "log_clipped":
+            v = v * (limit / lorentz.safe_norm(v)).clamp(max=1.0)  # the bound is a constant of c
+        u = sqrt_c * lorentz.safe_norm(v)
+        return torch.asinh(u) / u * v
+
+    mine_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref_c = curvature.detach().clone().requires_grad_()
+    if kind == "exp":
+        out = lorentz.exp_map0(mine_x, curvature)
+    else:
+        out = lorentz.log_map0(mine_x, curvature, clip=kind == "log_clipped")
+    expected = reference(ref_x, ref_c)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(mine_x.grad, ref_x.grad, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(curvature.grad, ref_c.grad, rtol=1e-7, atol=1e-9)
+    assert torch.isfinite(mine_x.grad).all()
+    torch.testing.assert_close(mine_x.grad[2], grad[2], rtol=1e-12, atol=0)  # φ → 1 at the origin
+
+
+def test_clip_radius_returns_its_input_when_nothing_is_clipped():
+    x = torch.randn(4, 3, requires_grad=True)
+    out = lorentz.clip_radius(x, 1.0)
+    assert torch.equal(out, x) and out.data_ptr() == x.data_ptr()
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("width", [5, 8])
+def test_lorentz_linear_equals_the_product_with_the_time_coordinate(width):
+    """y_s = W·[x_t; x_s] + b: values and gradients (x, W, time column, bias, curvature) in float64."""
+    torch.manual_seed(1)
+    x = torch.randn(7, width, dtype=torch.float64)
+    params = [torch.randn(3, width), torch.randn(3), torch.randn(3), torch.tensor([0.6])]
+    mine = [t.to(torch.float64).requires_grad_() for t in [x, *params]]
+    ref = [t.detach().clone().requires_grad_() for t in mine]
+    out = lorentz.linear(mine[0], mine[1], mine[2], mine[3], mine[4])
+    assert lorentz.augmented_width(width) % 4 == 0
+    x_ref, weight, time_weight, bias, curvature = ref
+    full = torch.cat([lorentz.time(x_ref, curvature), x_ref], dim=-1)
+    expected = full @ torch.cat([time_weight.unsqueeze(-1), weight], dim=-1).T + bias
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for a, b in zip(mine, ref, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)

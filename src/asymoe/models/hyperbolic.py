@@ -256,7 +256,10 @@ class HyperbolicExperts(ExpertGroup):
         return output.to(tokens.dtype)  # (layout, d)
 
     def matmul_widths(self) -> tuple[int, ...]:
-        # The time coordinate's column is added after the product (lorentz.linear, poincare.fc_lifted).
+        if self.geometry == "lorentz":  # inputs [x_s; x_t; 1], zero-padded (lorentz.linear); float32
+            inputs = lorentz.augmented_width(self.hidden_size), lorentz.augmented_width(self.intermediate_size)
+            return (*inputs, 2 * self.intermediate_size, self.hidden_size)
+        # Poincaré: the time coordinate's column is added after the product (poincare.fc_lifted).
         return (self.hidden_size, self.intermediate_size)
 
     def _layers(self, point, kappa, weights, linear_fn, per_expert) -> torch.Tensor:
@@ -269,18 +272,18 @@ class HyperbolicExperts(ExpertGroup):
         clip = lorentz.clip_radius
         if self.geometry == "lorentz":
             first = weights["gate_up_proj"], weights["gate_up_time"], weights["gate_up_bias"]
-            gate, up = clip(lorentz.linear(point, *first, kappa, linear_fn, per_expert), kappa).chunk(2, dim=-1)
+            gate, up = clip(lorentz.linear(point, *first, kappa, linear_fn), kappa).chunk(2, dim=-1)
             inner = clip(self.act_fn(gate) * up, kappa)  # (..., f)
             second = weights["down_proj"], weights["down_time"], weights["down_bias"]
-            output = lorentz.linear(inner, *second, kappa, linear_fn, per_expert)  # (..., d)
-            return lorentz.log_map0(clip(output, kappa), kappa)
+            output = lorentz.linear(inner, *second, kappa, linear_fn)  # (..., d)
+            return lorentz.log_map0(output, kappa, clip=True)
         first = weights["gate_up_proj"], weights["gate_up_bias"]
         gate, up = poincare.fc_lifted(point, *first, kappa, linear_fn, per_expert).chunk(2, dim=-1)  # (..., f)
         inner = clip(self.act_fn(gate) * up, kappa)  # (..., f)
         second = weights["down_proj"], weights["down_bias"]
         output = poincare.fc_lifted(inner, *second, kappa, linear_fn, per_expert)  # (..., d)
         # The ball's log_0 of the output point is half the hyperboloid's log_o of its image.
-        return lorentz.log_map0(clip(output, kappa), kappa) / 2.0
+        return lorentz.log_map0(output, kappa, clip=True) / 2.0
 
     # -- geometry losses -----------------------------------------------------------------------
 

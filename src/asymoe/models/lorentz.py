@@ -17,7 +17,8 @@ Entailment cone (MERU), parent x, child y, cone constant K:
     ext(x, y) = arccos((y_t + x_t·c⟨x,y⟩_L) / (‖x_s‖·sqrt((c⟨x,y⟩_L)² − 1)))
     L_order(x, y) = max(0, ext(x, y) − half_aperture(x))
 
-Fully hyperbolic linear layer (Chen et al.): y_s = W·[x_t; x_s] + b, y_t = sqrt(1/c + ‖y_s‖²).
+Fully hyperbolic linear layer (Chen et al.): y_s = W·[x_t; x_s] + b, y_t = sqrt(1/c + ‖y_s‖²),
+as one product of [x_s; x_t; 1] (`linear`).
 
 Clamps: sinh inputs ≤ asinh(2^15) and space norms ≤ 2^15/√c (MERU's bound), asin/acos inputs
 within ±(1 − 1e-6), squared norms ≥ 1e-12 under every sqrt, so no value or gradient is Inf/NaN,
@@ -33,6 +34,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from asymoe.models.radial import radial_map
 
 SINH_MAX = math.asinh(2.0**15)  # MERU: sinh/cosh inputs stay below this
 RADIUS_MAX = 2.0**15  # = sinh(SINH_MAX): space norms stay below RADIUS_MAX/√c
@@ -79,15 +82,20 @@ def origin_dist(x_space: torch.Tensor, curvature: Curvature) -> torch.Tensor:
 
 
 def exp_map0(tangent: torch.Tensor, curvature: Curvature) -> torch.Tensor:
-    """Space part of exp_o(v) = sinh(√c‖v‖)·v/(√c‖v‖); the sinh input is clamped (MERU)."""
-    scaled_norm = curvature**0.5 * safe_norm(tangent)
-    return torch.sinh(scaled_norm.clamp(max=SINH_MAX)) / scaled_norm * tangent
+    """Space part of exp_o(v) = sinh(√c‖v‖)·v/(√c‖v‖); the sinh input is clamped (MERU).
+
+    A radial map with a hand-written backward (asymoe.models.radial).
+    """
+    return radial_map(tangent, curvature, "exp", SINH_MAX, NORM_SQ_MIN**0.5)
 
 
-def log_map0(x_space: torch.Tensor, curvature: Curvature) -> torch.Tensor:
-    """log_o(x) = asinh(√c‖x_s‖)·x_s/(√c‖x_s‖) (= arcosh(√c·x_t)·x_s/(√c‖x_s‖))."""
-    scaled_norm = curvature**0.5 * safe_norm(x_space)
-    return torch.asinh(scaled_norm) / scaled_norm * x_space
+def log_map0(x_space: torch.Tensor, curvature: Curvature, clip: bool = False) -> torch.Tensor:
+    """log_o(x) = asinh(√c‖x_s‖)·x_s/(√c‖x_s‖) (= arcosh(√c·x_t)·x_s/(√c‖x_s‖)).
+
+    clip: of the point first clipped to ‖x_s‖ ≤ 2^15/√c, i.e. log_o(clip_radius(x_s)) in one map.
+    A radial map with a hand-written backward (asymoe.models.radial).
+    """
+    return radial_map(x_space, curvature, "log", RADIUS_MAX if clip else math.inf, NORM_SQ_MIN**0.5)
 
 
 class _ClipRadius(torch.autograd.Function):
@@ -104,13 +112,15 @@ class _ClipRadius(torch.autograd.Function):
         scale = (limit / norm).clamp(max=1.0)
         clipped = limit < norm  # (..., 1)
         ctx.save_for_backward(x_space, norm, scale, clipped)
+        # On CPU a clipped row is looked for (a host read costs nothing there) and, without one,
+        # the input is returned as it is; elsewhere every row is scaled, so that nothing synchronises.
+        if x_space.device.type == "cpu" and not bool(clipped.any()):
+            return x_space.view_as(x_space)
         return x_space * scale
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x_space, norm, scale, clipped = ctx.saved_tensors
-        # On CPU a clipped row is looked for (a host read costs nothing there); elsewhere the
-        # correction is always computed and masked, so that nothing synchronises.
         if x_space.device.type == "cpu" and not bool(clipped.any()):
             return grad, None
         radial = (x_space * grad).sum(-1, keepdim=True) / norm.square()
@@ -157,22 +167,61 @@ def identity(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def augmented_width(width: int, element_size: int = 4) -> int:
+    """Input width of `linear`'s product: x_s, x_t and a column of ones, zero-padded to 16-byte rows."""
+    per_row = 16 // element_size
+    return -(-(width + 2) // per_row) * per_row
+
+
 def linear(
     x_space: torch.Tensor,
     weight: torch.Tensor,
     time_weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    bias: torch.Tensor,
     curvature: Curvature,
     linear_fn=F.linear,
-    per_expert=identity,
 ) -> torch.Tensor:
-    """Fully hyperbolic linear layer (Chen et al., 2022): y_s = W·[x_t; x_s] + b = W_s·x_s + x_t·w_t + b.
+    """Fully hyperbolic linear layer (Chen et al., 2022): y_s = W·[x_t; x_s] + b, returns y_s (..., out).
 
-    weight (out, in) acts on x_s, time_weight (out,) is W's time column; returns y_s (..., out).
-    The time part is a non-linear function of ‖x_s‖, which is what makes the layer depend on c.
-    `linear_fn` applies weight and bias: F.linear for one layer, or an expert layout's linear for
-    the (E, out, in), (E, out) weights of many experts at once, with `per_expert` broadcasting the
-    (E, out) time columns to its rows. The time column is added after the product rather than
-    concatenated to the input: no copy of the input, and the product keeps the aligned width.
+    weight (out, in) acts on x_s, time_weight (out,) is W's time column, bias (out,). The time part
+    is a non-linear function of ‖x_s‖, which is what makes the layer depend on c. One matrix
+    multiply does it all: the input gets the columns [x_t, 1] (and zeros up to `augmented_width`)
+    and the weight the columns [time_weight, bias], so no per-row copy of a time column or a bias
+    is formed; for the (E, out, in), (E, out) weights of many experts `linear_fn` is an expert
+    layout's linear (F.linear for one layer).
     """
-    return linear_fn(x_space, weight, bias) + time(x_space, curvature) * per_expert(time_weight)
+    columns = _TimeColumns.apply(x_space, torch.as_tensor(curvature, dtype=x_space.dtype, device=x_space.device))
+    padding = columns.shape[-1] - x_space.shape[-1] - 2
+    w_columns = [weight, time_weight.unsqueeze(-1), bias.unsqueeze(-1)]
+    if padding:
+        w_columns.append(weight.new_zeros(*weight.shape[:-1], padding))
+    return linear_fn(columns, torch.cat(w_columns, dim=-1))
+
+
+class _TimeColumns(torch.autograd.Function):
+    """x_s (..., w) -> [x_s; x_t; 1; 0 …] (..., augmented_width(w)), x_t = sqrt(1/c + ‖x_s‖²).
+
+    Hand-written backward, one fused pass: ∂/∂x_s = g_s + (g_t/x_t)·x_s, ∂/∂c = −Σ g_t/(2c²·x_t).
+    """
+
+    @staticmethod
+    def forward(ctx, x_space: torch.Tensor, curvature: torch.Tensor) -> torch.Tensor:
+        width = x_space.shape[-1]
+        x_time = torch.sqrt(1.0 / curvature + torch.linalg.vector_norm(x_space, dim=-1, keepdim=True).square())
+        out = x_space.new_zeros(*x_space.shape[:-1], augmented_width(width, x_space.element_size()))
+        out[..., :width] = x_space
+        out[..., width : width + 1] = x_time
+        out[..., width + 1] = 1.0
+        ctx.save_for_backward(x_space, x_time, curvature)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x_space, x_time, curvature = ctx.saved_tensors
+        width = x_space.shape[-1]
+        grad_time = grad[..., width : width + 1] / x_time  # (..., 1)
+        grad_x = torch.addcmul(grad[..., :width], x_space, grad_time)
+        grad_c = None
+        if ctx.needs_input_grad[1]:
+            grad_c = (-grad_time.sum() / (2.0 * curvature.square())).reshape(curvature.shape)
+        return grad_x, grad_c
