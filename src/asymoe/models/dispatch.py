@@ -15,7 +15,8 @@ tokens separately. Here instead:
      `torch.bmm` per weight tensor multiplies every expert's block (zero rows are wasted work);
    - `segment`: rows stay sorted; the matrix multiplies run per contiguous expert segment (a
      Python loop over experts, but a single gather and scatter, unlike eager).
-4. `combine`: out[t] = Σ_rows w_row · y_row. Tokens reach their rows (`to_rows`) and rows their
+4. `combine`: out[t] = Σ_rows w_row · y_row, one (1 × slots)·(slots × d) product per token
+   (`weighted_sum`). Tokens reach their rows (`to_rows`) and rows their
    tokens (`combine`) by gathers through the (token, slot) positions, forward and backward: no
    index_add_, which is several times slower than a gather on CPU and non-deterministic on CUDA.
 
@@ -301,14 +302,26 @@ def to_rows(tokens: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
     return _TokenGather.apply(flat, rows.token_route, rows.position_route, rows.slots).view(-1, *tokens.shape[1:])
 
 
+def weighted_sum(values: torch.Tensor, weight: torch.Tensor, slots: int) -> torch.Tensor:
+    """out[t] = Σ_s weight[t, s] · values[t, s] for values (tokens·slots, d), weight (tokens·slots,) -> (tokens, d).
+
+    One batched (1 × slots)·(slots × d) product per token, in the values' dtype with autocast off:
+    forward and backward are each one pass over the values, where a product followed by a sum is
+    two forward and three backward (measured 2x faster on CPU at 16k × 256).
+    """
+    with torch.autocast(device_type=values.device.type, enabled=False):
+        per_token = values.view(-1, slots, values.shape[-1])  # (tokens, slots, d)
+        return torch.bmm(weight.to(values.dtype).view(-1, 1, slots), per_token).squeeze(1)
+
+
 def combine(rows: ExpertRows, outputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """out[t] = Σ over rows r of token t of weight_r · outputs_r; outputs (N, d) -> (tokens, d).
 
     Tokens without rows get exact zeros; a token's rows are summed in its slot order.
     """
-    weighted = (outputs * rows.weight.unsqueeze(-1)).to(dtype)
-    at_positions = _InjectiveGather.apply(weighted, rows.position_route, rows.row_route)  # (tokens·slots, d)
-    return at_positions.view(-1, rows.slots, weighted.shape[-1]).sum(1)
+    at_positions = _InjectiveGather.apply(outputs.to(dtype), rows.position_route, rows.row_route)  # (tokens·slots, d)
+    weight = _InjectiveGather.apply(rows.weight, rows.position_route, rows.row_route)  # (tokens·slots,)
+    return weighted_sum(at_positions, weight, rows.slots)
 
 
 def row_values(rows: ExpertRows, per_token_expert: torch.Tensor) -> torch.Tensor:
@@ -447,10 +460,10 @@ class PaddedLayout(ExpertLayout):
         return self._blocks(slots.view(-1, *tokens.shape[1:]))
 
     def combine(self, outputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        flat = outputs.reshape(-1, outputs.shape[-1])  # (E·C, d)
-        weighted = (flat * self.slot_weight.unsqueeze(-1)).to(dtype)
-        at_positions = _InjectiveGather.apply(weighted, self.position_route, self.inverse_position_route)
-        return at_positions.view(-1, self.rows.slots, flat.shape[-1]).sum(1)
+        flat = outputs.reshape(-1, outputs.shape[-1]).to(dtype)  # (E·C, d)
+        at_positions = _InjectiveGather.apply(flat, self.position_route, self.inverse_position_route)
+        weight = _InjectiveGather.apply(self.slot_weight, self.position_route, self.inverse_position_route)
+        return weighted_sum(at_positions, weight, self.rows.slots)
 
     def per_expert(self, values: torch.Tensor) -> torch.Tensor:
         return values.unsqueeze(1)  # (E, 1, ...)

@@ -40,7 +40,7 @@ from transformers.activations import ACT2FN
 from asymoe.config import GeometryLossConfig
 from asymoe.models import lorentz, poincare
 from asymoe.models.dispatch import ExpertLayout, ExpertRows
-from asymoe.models.experts import ExpertGroup
+from asymoe.models.experts import ExpertGroup, gated_unit
 
 if TYPE_CHECKING:
     from asymoe.models.moe import TokenMeta
@@ -272,14 +272,14 @@ class HyperbolicExperts(ExpertGroup):
         clip = lorentz.clip_radius
         if self.geometry == "lorentz":
             first = weights["gate_up_proj"], weights["gate_up_time"], weights["gate_up_bias"]
-            gate, up = clip(lorentz.linear(point, *first, kappa, linear_fn), kappa).chunk(2, dim=-1)
-            inner = clip(self.act_fn(gate) * up, kappa)  # (..., f)
+            gate_up = clip(lorentz.linear(point, *first, kappa, linear_fn), kappa)  # (..., 2f)
+            inner = clip(gated_unit(gate_up, self.act_fn), kappa)  # (..., f)
             second = weights["down_proj"], weights["down_time"], weights["down_bias"]
             output = lorentz.linear(inner, *second, kappa, linear_fn)  # (..., d)
             return lorentz.log_map0(output, kappa, clip=True)
         first = weights["gate_up_proj"], weights["gate_up_bias"]
-        gate, up = poincare.fc_lifted(point, *first, kappa, linear_fn, per_expert).chunk(2, dim=-1)  # (..., f)
-        inner = clip(self.act_fn(gate) * up, kappa)  # (..., f)
+        gate_up = poincare.fc_lifted(point, *first, kappa, linear_fn, per_expert)  # (..., 2f)
+        inner = clip(gated_unit(gate_up, self.act_fn), kappa)  # (..., f)
         second = weights["down_proj"], weights["down_bias"]
         output = poincare.fc_lifted(inner, *second, kappa, linear_fn, per_expert)  # (..., d)
         # The ball's log_0 of the output point is half the hyperboloid's log_o of its image.
