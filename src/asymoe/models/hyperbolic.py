@@ -256,11 +256,9 @@ class HyperbolicExperts(ExpertGroup):
         return output.to(tokens.dtype)  # (layout, d)
 
     def matmul_widths(self) -> tuple[int, ...]:
-        if self.geometry == "lorentz":  # inputs [x_s; x_t; 1], zero-padded (lorentz.linear); float32
-            inputs = lorentz.augmented_width(self.hidden_size), lorentz.augmented_width(self.intermediate_size)
-            return (*inputs, 2 * self.intermediate_size, self.hidden_size)
-        # Poincaré: the time coordinate's column is added after the product (poincare.fc_lifted).
-        return (self.hidden_size, self.intermediate_size)
+        # Inputs [x_s; x_t; 1], zero-padded (lorentz.linear, also under poincare.fc_lifted); float32.
+        inputs = lorentz.augmented_width(self.hidden_size), lorentz.augmented_width(self.intermediate_size)
+        return (*inputs, 2 * self.intermediate_size, self.hidden_size)
 
     def _layers(self, point, kappa, weights, linear_fn, per_expert) -> torch.Tensor:
         """The experts' layers (class docstring) on points (..., d), in float32.
