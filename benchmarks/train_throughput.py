@@ -7,17 +7,21 @@ answers; image + prompt positions are evidence). What is timed and what is not:
 
 - dense, vanilla MoE and AsyMoE run `VisionLanguageModel.forward` with `image_features` given: random
   projected image features are spliced at the placeholders, so the LM, its MoE blocks and the
-  token metadata (vision / evidence / answer masks) are exercised exactly as in training; the
+  token metadata (vision / evidence / answer masks) are exercised exactly as in training (routing
+  statistics off, as on a step that logs nothing); the
   vision encoder and projector are bypassed (frozen, not run), because they are identical for
   every VLM and absent from Mixtral. The rows compare language models.
 - Mixtral runs on `inputs_embeds` of the same length (it has no vision path); its expert width is
   chosen so that its activated parameters per token match AsyMoE's (reported per row).
 - Each model runs in its own subprocess, so peak memory (CUDA max allocated, or the process's peak
-  RSS on CPU) belongs to that model alone. Step time is the median after warm-up.
+  RSS on CPU) belongs to that model alone. Step time is the median after warm-up; `--rounds`
+  runs every model that many times, interleaved, and reports the median round.
 - The models differ in size, so tokens/s alone would make a larger model look slower for being
-  larger. The comparison is in activated TFLOP/s = tokens/s × (6·N_act + 12·L·d·S) (PaLM,
+  larger. The comparison is in activated TFLOP/s = tokens/s × (6·N_act + 12·L·d·S + F_evd) (PaLM,
   appendix B), N_act = activated non-embedding parameters per token averaged over image and text
-  positions, and its ratio to dense: how fast each model runs the compute a token activates.
+  positions, F_evd the evidence experts' own attentions (`evidence_attention_flops`; 0 for
+  models without them), and its ratio to dense: how fast each model runs the compute a token
+  activates.
   MFU divides it by `--peak-tflops` (default: 989 for an H100's dense bf16); on CPU no peak is
   assumed. `--experts-backend` sets `model.moe.experts_backend` of the VLMs (default auto).
 
@@ -135,6 +139,29 @@ def vlm_activated(model, p: dict) -> float:
     return (p["image_tokens"] * per_vision + p["text_tokens"] * per_language) / (p["image_tokens"] + p["text_tokens"])
 
 
+def evidence_attention_flops(model, p: dict) -> float:
+    """Training FLOPs per token (averaged over positions) of the evidence experts' attentions.
+
+    Each MoE block with an evidence group runs, for every position that can reach the group (the
+    text positions in modality routing, every position in shared routing), one multi-head
+    cross-attention over the sample and, with the routing bias, one single-head attention of
+    width d: each 12·d·S per query, the PaLM count of the LM's own attention term.
+    """
+    from asymoe.models.evidence import EvidenceExperts
+
+    seq = p["image_tokens"] + p["text_tokens"]
+    total = 0.0
+    for block in model.moe_blocks():
+        for name, group in block.groups.items():
+            if not isinstance(group, EvidenceExperts):
+                continue
+            routers = block.group_routers[name]
+            queries = seq if "all" in routers or "vision" in routers else p["text_tokens"]
+            attentions = 2 if group.route_bias else 1
+            total += attentions * 12 * p["hidden"] * seq * queries / seq
+    return total
+
+
 def mixtral_config(p: dict, expert_width: int):
     from transformers import MixtralConfig
 
@@ -235,12 +262,17 @@ def run_one(kind: str, p: dict, args) -> dict:
         model.model.embed_tokens = embedding
         layers = list(model.model.layers)
         activated = mixtral_activated(config)
+        extra_flops = 0.0
         total = sum(q.numel() for q in model.parameters())
         detail = f"4 experts of width {config.intermediate_size}, top-2, MoE in every layer"
     else:
         model = build_vlm(kind, p, args.experts_backend)
+        # As on a training step that logs nothing (the module turns routing statistics on only
+        # for the steps TensorBoard records).
+        model.moe_state.statistics = False
         layers = list(model.lm.model.layers)
         activated = vlm_activated(model, p)
+        extra_flops = evidence_attention_flops(model, p)
         total = sum(q.numel() for q in model.lm.parameters())
         detail = DETAILS[kind] + ("" if kind == "dense" else f", experts_backend={args.experts_backend}")
     model.to(device)
@@ -284,7 +316,7 @@ def run_one(kind: str, p: dict, args) -> dict:
     seconds = statistics.median(times)
     tokens = p["batch"] * (p["image_tokens"] + p["text_tokens"])
     seq = p["image_tokens"] + p["text_tokens"]
-    flops_per_token = 6 * activated + 12 * p["layers"] * p["hidden"] * seq
+    flops_per_token = 6 * activated + 12 * p["layers"] * p["hidden"] * seq + extra_flops
     peak_memory = (
         torch.cuda.max_memory_allocated()
         if cuda
@@ -296,6 +328,7 @@ def run_one(kind: str, p: dict, args) -> dict:
         "detail": detail,
         "total_lm_params": total,
         "activated": activated,
+        "evidence_attention_flops": extra_flops,
         "step_s": seconds,
         "step_min_s": min(times),
         "step_max_s": max(times),
@@ -316,6 +349,27 @@ def resident_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def one_round(args) -> list[dict]:
+    """Every model once, in MODELS order, each in its own process."""
+    rows = [child("dense", args), child("vanilla_moe", args), child("asymoe", args)]
+    rows.append(child("mixtral", args, target={"activated": rows[2]["activated"]}))  # AsyMoE's size
+    return rows
+
+
+def merge_rounds(runs: list[dict]) -> dict:
+    """One model's rounds: the median round (by step time) stands for it; the range spans all rounds.
+
+    Rounds interleave the models (dense, MoE, AsyMoE, Mixtral, dense, ...), so that a slow spell
+    of a shared machine falls on all of them rather than on whichever ran then.
+    """
+    ordered = sorted(runs, key=lambda run: run["step_s"])
+    merged = dict(ordered[(len(ordered) - 1) // 2])
+    merged["step_min_s"] = min(run["step_min_s"] for run in runs)
+    merged["step_max_s"] = max(run["step_max_s"] for run in runs)
+    merged["round_steps_s"] = [run["step_s"] for run in runs]
+    return merged
 
 
 def child(kind: str, args, target: dict | None = None) -> dict:
@@ -339,7 +393,8 @@ def write_report(rows: list[dict], p: dict, args, load: tuple) -> str:
         f"vocab {p['vocab']}; batch {p['batch']} × ({p['image_tokens']} image + {p['text_tokens']} text tokens); "
         f"{'fp32' if rows[0]['device'] == 'cpu' else 'bf16 params (FSDP2 MixedPrecisionPolicy), fp32 reduce'}; "
         f"FSDP2 fully_shard per decoder layer + root, 1 process; AdamW; "
-        f"median of {p['steps']} steps after {p['warmup']} warm-up.",
+        f"median of {p['steps']} steps after {p['warmup']} warm-up; the median of {args.rounds} interleaved "
+        "rounds (each model once per round, in its own process).",
         "",
         "| model | LM params | activated / token (non-emb.) | step (s, median) | min–max (s) | tokens/s "
         "| tokens/s vs dense | peak memory (MiB) | activated TFLOP/s | vs dense | MFU |",
@@ -354,8 +409,18 @@ def write_report(rows: list[dict], p: dict, args, load: tuple) -> str:
             f"{r['tflops']:.3f} | "
             f"{r['tflops'] / dense['tflops']:.2f}× | {mfu} |"
         )
+    evidence = [
+        f"{r['model']} {r['evidence_attention_flops'] / 1e6:.2f} MFLOP/token"
+        for r in rows
+        if r.get("evidence_attention_flops")
+    ]
     lines += [
         "",
+        "- activated FLOPs per token = 6·N_act + 12·L·d·S + the evidence experts' attentions (F_evd: "
+        + (", ".join(evidence) if evidence else "none here")
+        + ")",
+        "- step time (s) of each round: "
+        + "; ".join(f"{r['model']} " + ", ".join(f"{t:.3f}" for t in r["round_steps_s"]) for r in rows),
         f"- peak memory: {rows[0]['memory_kind']}, each model in its own process",
         f"- machine: {os.cpu_count()} CPU cores (nproc), {cpu_model()}, {platform.system()} {platform.machine()}"
         + ("" if rows[0]["device"] == "cpu" else f", {rows[0]['device']}"),
@@ -382,6 +447,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads on CPU")
     parser.add_argument("--experts-backend", default="auto", help="model.moe.experts_backend of the VLMs")
     parser.add_argument("--output", type=Path, default=None, help="write the table here (default: print only)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the models (median round)")
     parser.add_argument("--only", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--target", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -393,8 +459,8 @@ def main() -> None:
     if not args.small and not torch.cuda.is_available():
         raise SystemExit("the GPU preset needs CUDA; use --small on CPU")
     load_before = os.getloadavg()
-    rows = [child("dense", args), child("vanilla_moe", args), child("asymoe", args)]
-    rows.append(child("mixtral", args, target={"activated": rows[2]["activated"]}))  # AsyMoE's size
+    rounds = [one_round(args) for _ in range(args.rounds)]
+    rows = [merge_rounds([r[i] for r in rounds]) for i in range(len(MODELS))]
     report = write_report(rows, p, args, (load_before, os.getloadavg()))
     print(report)
     if args.output is not None:
