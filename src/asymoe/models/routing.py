@@ -59,6 +59,8 @@ class Routing:
 
 def routing_probability_variance(probs: torch.Tensor) -> torch.Tensor:
     """RPV: population variance of each token's probabilities over its eligible experts."""
+    if probs.shape[0] == 0:  # a router without tokens (torch's var warns on an empty reduction)
+        return probs.new_zeros(0)
     return probs.var(dim=-1, unbiased=False)  # (tokens,)
 
 
