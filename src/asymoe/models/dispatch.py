@@ -48,7 +48,7 @@ KERNELS: tuple[str, ...] = get_args(ExpertKernel)
 SYNC_FREE_DEVICES: frozenset[str] = frozenset({"cuda"})
 
 # Fastest kernel per (device type, dtype). Measured (benchmarks/results/moe_block.md, Euclidean
-# groups): CPU float32, where grouped_mm beat padded's batched GEMMs at both shapes in each of five
+# groups): CPU float32, where grouped_mm beat padded's batched GEMMs at both shapes in each of four
 # runs on a quiet 2-core CPU over two sessions (latest: 1.10x vs 1.01x dense coarse, 0.74x vs 0.69x
 # fine-grained; on a loaded machine padded had won). Not measured, by analogy: CPU bfloat16 as padded
 # (grouped_mm's CPU bf16 path unmeasured); CUDA grouped_mm, the kernel torch and transformers build
