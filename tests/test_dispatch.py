@@ -235,7 +235,7 @@ def test_block_backends_under_activation_checkpointing(monkeypatch):
 
 def test_grouped_and_auto_resolve_per_group():
     block = build_block("asymoe_lorentz", "grouped")
-    # The Lorentz layers add their time column after the product: the widths stay d and f.
+    # The Lorentz layers' inputs [x_s; x_t; 1] are zero-padded to a 16-byte row: grouped_mm applies.
     expected = {"vision": "grouped_mm", "shared": "grouped_mm", "language": "grouped_mm"}
     assert block._kernels(torch.zeros(1, HIDDEN)) == expected
     # A width without a 16-byte stride (17 float32 columns) has no grouped_mm.
@@ -244,6 +244,24 @@ def test_grouped_and_auto_resolve_per_group():
     assert set(block._kernels(torch.zeros(1, HIDDEN)).values()) == {dispatch.FASTEST[("cpu", torch.float32)]}
     block.experts_backend = "eager"
     assert block._kernels(torch.zeros(1, HIDDEN)) is None
+
+
+def test_auto_runs_a_poincare_group_eagerly_on_cpu_and_the_others_grouped(monkeypatch):
+    """FASTEST_FOR_FAMILY: on CPU float32 the Poincaré group takes its per-expert loop under auto."""
+    cpu = torch.device("cpu")
+    assert dispatch.resolve_kernel("auto", cpu, torch.float32, 16, family="poincare") == "eager"
+    assert dispatch.resolve_kernel("grouped", cpu, torch.float32, 16, family="poincare") == "grouped_mm"
+    assert dispatch.resolve_kernel("auto", cpu, torch.float32, 16, family="lorentz") == "grouped_mm"
+    block = build_block("asymoe_poincare", "auto")
+    kernels = {"vision": "grouped_mm", "shared": "eager", "language": "grouped_mm"}
+    assert block._kernels(torch.zeros(1, HIDDEN)) == kernels
+    meta = token_meta(text_only=False)
+    calls = []
+    group_class = type(block.groups["shared"])
+    eager_dispatch = group_class.dispatch
+    monkeypatch.setattr(group_class, "dispatch", lambda *a, **k: calls.append(1) or eager_dispatch(*a, **k))
+    assert_same_run(run_block(block, meta), run_block(build_block("asymoe_poincare", "eager"), meta))
+    assert len(calls) == 2  # the auto block's and the eager block's Poincaré group, each once
 
 
 def test_swiglu_hand_written_backward_equals_autograd():

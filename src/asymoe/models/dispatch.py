@@ -60,6 +60,11 @@ FASTEST: dict[tuple[str, torch.dtype], str] = {
     ("cuda", torch.float16): "grouped_mm",
 }
 FALLBACK: str = "padded"  # any other (device, dtype): needs no special kernel
+# Where one group family is fastest on another path than FASTEST's: (family, device type, dtype) ->
+# kernel or "eager". Poincaré on CPU float32: its eager loop beat every grouped kernel at both
+# shapes in both quiet runs of benchmarks/moe_block.md (coarse 468 vs 718 ms, fine 451 vs 480 ms):
+# its many element-wise passes over (rows, 2f) run on smaller, reused per-expert tensors there.
+FASTEST_FOR_FAMILY: dict[tuple[str, str, torch.dtype], str] = {("poincare", "cpu", torch.float32): "eager"}
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
@@ -80,14 +85,20 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -
     return ok and all((dim * element) % 16 == 0 for dim in dims)
 
 
-def resolve_kernel(backend: str, device: torch.device, dtype: torch.dtype, *dims: int) -> str:
+def resolve_kernel(
+    backend: str, device: torch.device, dtype: torch.dtype, *dims: int, family: str | None = None
+) -> str:
     """The kernel that `backend` (auto | grouped | a kernel name) means for this device, dtype and widths.
 
-    auto: the fastest measured (`FASTEST`); grouped: torch's grouped_mm. A grouped_mm that the
-    build lacks for the device, dtype or widths becomes `FALLBACK`.
+    auto: the fastest measured for the group family (`FASTEST_FOR_FAMILY`, which may say "eager":
+    the group runs its per-expert loop) or else for the device and dtype (`FASTEST`); grouped:
+    torch's grouped_mm. A grouped_mm that the build lacks for the device, dtype or widths becomes
+    `FALLBACK`.
     """
     if backend == "auto":
-        kernel = FASTEST.get((device.type, dtype), FALLBACK)
+        kernel = FASTEST_FOR_FAMILY.get((family, device.type, dtype)) or FASTEST.get((device.type, dtype), FALLBACK)
+        if kernel == "eager":
+            return kernel
     else:
         kernel = "grouped_mm" if backend == "grouped" else backend
     assert kernel in KERNELS, f"unknown expert kernel {kernel!r}"

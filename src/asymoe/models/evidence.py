@@ -162,6 +162,10 @@ class EvidenceExperts(FFNExperts):
             self.route_weight = nn.Parameter(torch.zeros(hidden_size))
         self._last: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
 
+    @property
+    def family(self) -> str:
+        return "evidence"
+
     @torch.no_grad()
     def upcycle_from(self, dense_mlp: nn.Module) -> None:
         """Both branches of every expert become the dense MLP (W3's context columns 0): exact parity."""

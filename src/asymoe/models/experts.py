@@ -96,6 +96,11 @@ class ExpertGroup(nn.Module):
     # Whether the experts compute in float32 whatever the autocast state (the hyperbolic ones).
     float32_experts: bool = False
 
+    @property
+    def family(self) -> str:
+        """What `auto` measures the group as (dispatch.FASTEST_FOR_FAMILY): ffn, evidence, lorentz, poincare."""
+        return "ffn"
+
     def prepare(
         self, hidden: torch.Tensor, meta: TokenMeta, reachable: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:

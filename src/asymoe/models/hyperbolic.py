@@ -162,6 +162,10 @@ class HyperbolicExperts(ExpertGroup):
         self._routed_norms: tuple[torch.Tensor, torch.Tensor] | None = None  # for `scalars`
         self._geometry_raw: dict[str, torch.Tensor] = {}
 
+    @property
+    def family(self) -> str:
+        return self.geometry
+
     # -- curvature -----------------------------------------------------------------------------
 
     def curvature(self) -> torch.Tensor:

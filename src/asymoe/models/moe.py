@@ -315,16 +315,19 @@ class MoEBlock(nn.Module):
         outputs: dict[str, torch.Tensor] = {}
         routed_weight: dict[str, torch.Tensor] = {}
         kernels = self._kernels(tokens)
+        if kernels is not None and set(kernels.values()) == {"eager"}:
+            kernels = None
         if kernels is not None:
             # One sort of every router's assignments for the whole block; each group reads its run.
-            sync_free = tokens.device.type in dispatch.SYNC_FREE_DEVICES and set(kernels.values()) == {"grouped_mm"}
+            no_host_sizes = set(kernels.values()) <= {"grouped_mm", "eager"}  # eager groups do not read the sort
+            sync_free = tokens.device.type in dispatch.SYNC_FREE_DEVICES and no_host_sizes
             assignments = dispatch.sort_assignments(
                 routing.expert_index, routing.expert_weight, routing.slot_mask, self.num_experts, sync_free
             )
         for name, group in self.groups.items():
             local = routing.expert_index - self.offsets[name]
             in_group = routing.slot_mask & (local >= 0) & (local < group.num_experts)  # (tokens, slots)
-            if kernels is None:
+            if kernels is None or kernels[name] == "eager":
                 outputs[name] = group.dispatch(tokens, local, routing.expert_weight, in_group, extras[name])
             else:
                 rows = dispatch.group_rows(assignments, self.offsets[name], group.num_experts)
@@ -333,14 +336,18 @@ class MoEBlock(nn.Module):
         return outputs, routed_weight
 
     def _kernels(self, tokens: torch.Tensor) -> dict[str, str] | None:
-        """Each group's kernel for `model.moe.experts_backend` on these tokens; None for eager."""
+        """Each group's kernel ("eager": its per-expert loop) for `model.moe.experts_backend`; None for eager."""
         if self.experts_backend == "eager":
             return None
         device = tokens.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else tokens.dtype
         return {
             name: dispatch.resolve_kernel(
-                self.experts_backend, device, torch.float32 if group.float32_experts else dtype, *group.matmul_widths()
+                self.experts_backend,
+                device,
+                torch.float32 if group.float32_experts else dtype,
+                *group.matmul_widths(),
+                family=group.family,
             )
             for name, group in self.groups.items()
         }
