@@ -103,7 +103,7 @@ class _SinhOfScaledAsinh(torch.autograd.Function):
     """sinh(clamp(s·asinh(a), ±SINH_MAX)) with a closed-form backward.
 
     The HNN++ layer's w_k·√c = sinh(2‖z_k‖·asinh(·)) on every (row, output) entry. torch's sinh,
-    cosh and asinh are not vectorised on CPU (measured 4-6x slower than exp); here they are
+    cosh and asinh are slow on CPU (6.5x, 3.1x and 5.8x the time of exp on 8M elements); here they are
     written with expm1 and log1p, and the backward reuses cosh instead of autograd's chain.
     s broadcasts against a (per-expert scales); its gradient is summed back to its shape.
     """
