@@ -150,15 +150,15 @@ def evidence_attention_flops(model, p: dict) -> float:
     from asymoe.models.evidence import EvidenceExperts
 
     seq = p["image_tokens"] + p["text_tokens"]
+    routed = {"all": seq, "vision": p["image_tokens"], "language": p["text_tokens"]}  # TokenMeta.router_tokens
     total = 0.0
     for block in model.moe_blocks():
         for name, group in block.groups.items():
             if not isinstance(group, EvidenceExperts):
                 continue
-            routers = block.group_routers[name]
-            queries = seq if "all" in routers or "vision" in routers else p["text_tokens"]
+            queries = sum(routed[router] for router in block.group_routers[name])
             attentions = 2 if group.route_bias else 1
-            total += attentions * 12 * p["hidden"] * seq * queries / seq
+            total += attentions * 12 * p["hidden"] * seq * queries / seq  # 12·d·S per query, averaged over S
     return total
 
 

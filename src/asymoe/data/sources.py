@@ -107,13 +107,12 @@ def load_llava_json(path: str, image_root: str | None, on_error: str) -> Split:
                 if not isinstance(item["image"], str):
                     raise DataError(f"{origin}: 'image' must be a file name (a string), got {item['image']!r}")
                 image_path = root / item["image"]
+                if image_path not in problems:
+                    problems[image_path] = _image_problem(image_path)
+                if problems[image_path]:
+                    raise DataError(f"{origin}: {problems[image_path]}")
                 key = str(image_path)
-                if key not in images:
-                    if image_path not in problems:
-                        problems[image_path] = _image_problem(image_path)
-                    if problems[image_path]:
-                        raise DataError(f"{origin}: {problems[image_path]}")
-                images[key] = str(image_path)
+                images[key] = key
                 if IMAGE_TOKEN not in turns[0][1]:
                     turns[0] = ("user", f"{IMAGE_TOKEN}\n{turns[0][1]}")
             elif any(IMAGE_TOKEN in text for _, text in turns):

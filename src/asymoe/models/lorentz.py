@@ -112,17 +112,17 @@ class _ClipRadius(torch.autograd.Function):
         scale = (limit / norm).clamp(max=1.0)
         clipped = limit < norm  # (..., 1)
         ctx.save_for_backward(x_space, norm, scale, clipped)
-        # On CPU a clipped row is looked for (a host read costs nothing there) and, without one,
-        # the input is returned as it is; elsewhere every row is scaled, so that nothing synchronises.
-        if x_space.device.type == "cpu" and not bool(clipped.any()):
-            return x_space.view_as(x_space)
-        return x_space * scale
+        # On CPU a clipped row is looked for (a host read costs nothing there) and, without one, the
+        # input is returned as it is and the backward is the identity; elsewhere every row is scaled
+        # and the correction masked, so that nothing synchronises.
+        ctx.none_clipped = x_space.device.type == "cpu" and not bool(clipped.any())
+        return x_space.view_as(x_space) if ctx.none_clipped else x_space * scale
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x_space, norm, scale, clipped = ctx.saved_tensors
-        if x_space.device.type == "cpu" and not bool(clipped.any()):
+        if ctx.none_clipped:
             return grad, None
+        x_space, norm, scale, clipped = ctx.saved_tensors
         radial = (x_space * grad).sum(-1, keepdim=True) / norm.square()
         correction = torch.where(clipped, scale * (grad - x_space * radial), grad)
         return correction, None
@@ -207,7 +207,7 @@ class _TimeColumns(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_space: torch.Tensor, curvature: torch.Tensor) -> torch.Tensor:
         width = x_space.shape[-1]
-        x_time = torch.sqrt(1.0 / curvature + torch.linalg.vector_norm(x_space, dim=-1, keepdim=True).square())
+        x_time = time(x_space, curvature)  # (..., 1)
         out = x_space.new_zeros(*x_space.shape[:-1], augmented_width(width, x_space.element_size()))
         out[..., :width] = x_space
         out[..., width : width + 1] = x_time

@@ -60,9 +60,9 @@ def dist(x: torch.Tensor, y: torch.Tensor, curvature: Curvature) -> torch.Tensor
     return lorentz.dist(to_lorentz(x, curvature), to_lorentz(y, curvature), curvature)
 
 
-def _scaled_hyperplane_distance(
+def _hyperplane_asinh_terms(
     x_space: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, curvature: Curvature, linear_fn, per_expert
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(argument, scale) with √c·v_k(x) = scale·asinh(argument)
     = 2‖z_k‖·asinh(√c⟨λ_x·x, ẑ_k⟩·cosh(2√c r_k) − (λ_x − 1)·sinh(2√c r_k)).
 
@@ -133,7 +133,7 @@ def hyperplane_distance(
 
     weight (out, in) holds the z_k as rows, offset (out,) the r_k; returns (..., out).
     """
-    argument, scale = _scaled_hyperplane_distance(x_space, weight, offset, curvature, F.linear, identity)
+    argument, scale = _hyperplane_asinh_terms(x_space, weight, offset, curvature, F.linear, identity)
     return scale * torch.asinh(argument) / curvature**0.5
 
 
@@ -151,7 +151,7 @@ def fc_lifted(
     For the (E, out, in) weights and (E, out) offsets of many experts, `linear_fn` is an expert
     layout's linear and `per_expert` broadcasts (E, out) values to its rows.
     """
-    argument, scale = _scaled_hyperplane_distance(x_space, weight, offset, curvature, linear_fn, per_expert)
+    argument, scale = _hyperplane_asinh_terms(x_space, weight, offset, curvature, linear_fn, per_expert)
     return _SinhOfScaledAsinh.apply(argument, scale) / curvature**0.5
 
 

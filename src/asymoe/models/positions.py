@@ -33,8 +33,7 @@ class PackedPositions:
         """Pack the True positions of mask (batch, seq). Reads the largest count to the host (once per batch)."""
         batch, seq = mask.shape
         if bool(mask.all()):
-            index = torch.arange(seq, device=mask.device).expand(batch, seq)
-            return PackedPositions(seq, index, mask, every=True)
+            return PackedPositions._every(batch, seq, mask.device)
         counts = mask.sum(1)  # (batch,)
         width = int(counts.max()) if batch else 0
         index = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :width]
@@ -44,9 +43,12 @@ class PackedPositions:
     @staticmethod
     def everywhere(states: torch.Tensor) -> PackedPositions:
         """Every position of states (batch, seq, ...)."""
-        batch, seq = states.shape[:2]
-        index = torch.arange(seq, device=states.device).expand(batch, seq)
-        return PackedPositions(seq, index, torch.ones(batch, seq, dtype=torch.bool, device=states.device), every=True)
+        return PackedPositions._every(*states.shape[:2], states.device)
+
+    @staticmethod
+    def _every(batch: int, seq: int, device: torch.device) -> PackedPositions:
+        index = torch.arange(seq, device=device).expand(batch, seq)
+        return PackedPositions(seq, index, torch.ones(batch, seq, dtype=torch.bool, device=device), every=True)
 
     def gather(self, states: torch.Tensor) -> torch.Tensor:
         """(batch, seq, ...) -> (batch, Q, ...)."""

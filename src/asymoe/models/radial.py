@@ -81,8 +81,5 @@ class _RadialMap(torch.autograd.Function):
 
 def radial_map(x: torch.Tensor, curvature: torch.Tensor | float, kind: str, bound: float, floor: float) -> torch.Tensor:
     """φ(‖x‖, c)·x for kind "exp" (bound U) or "log" (log_o after the clip to radius bound/√c)."""
-    if isinstance(curvature, torch.Tensor):
-        curvature = curvature.to(x.dtype)
-    else:
-        curvature = torch.tensor(curvature, dtype=x.dtype, device=x.device)
+    curvature = torch.as_tensor(curvature, dtype=x.dtype, device=x.device)  # differentiable for a tensor
     return _RadialMap.apply(x, curvature, kind, bound, floor)
