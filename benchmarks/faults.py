@@ -9,9 +9,11 @@ Each scenario starts the run in a child process (this file with `--worker`), whi
 step's batch and kills itself -- or, under FSDP2, its whole process group -- with SIGKILL at the
 chosen moment. A save fault tears the checkpoint write: half the bytes of the new file, or (sharded
 folder) the old folder moved aside and the new one not yet in place. The resume runs in this
-process (single process) or again as two processes (FSDP2). "survived" means: resume worked, the
-final weights equal the uninterrupted run's within rtol 1e-5 / atol 1e-6, and the resumed run's
-batches are the uninterrupted run's from the step after its checkpoint on ("exact batch").
+process (single process) or again as two processes (FSDP2: the uninterrupted run and every
+scenario's resume one after another in one pair of ranks, which pays the 2-process start once).
+"survived" means: resume worked, the final weights equal the uninterrupted run's within rtol 1e-5 /
+atol 1e-6, and the resumed run's batches are the uninterrupted run's from the step after its
+checkpoint on ("exact batch").
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -148,9 +151,17 @@ def install_save_fault(kind: str, on_save: int, group: bool) -> None:
         raise ValueError(kind)
 
 
+# Rank 0 writes this line (and the run's index) to stderr before each run of a spec.
+RUN_MARKER = "faults: run "
+REFUSED_FILE = "refused.txt"
+
+
 def worker(spec_path: Path) -> None:
+    """The runs of one spec, one after another in this process (and, under FSDP2, in its ranks)."""
     from asymoe import config as config_lib
+    from asymoe.config import ConfigError
     from asymoe.training.run import fit
+    from asymoe.training.rundir import is_first_process
 
     spec = json.loads(spec_path.read_text())
     # The parent's thread count: CPU reductions (and so the weights) depend on it.
@@ -158,14 +169,28 @@ def worker(spec_path: Path) -> None:
     group = spec.get("group", False)
     if spec.get("save_fault"):
         install_save_fault(spec["save_fault"], spec["on_save"], group)
-    recorder = Recorder(Path(spec["log_dir"]), spec.get("kill_at_step"), group)
-    fit(config_lib.load("asymoe", spec["overrides"]), callbacks=[recorder])
+    for index, run in enumerate(spec["runs"]):
+        if is_first_process():
+            print(f"{RUN_MARKER}{index}", file=sys.stderr, flush=True)
+        log_dir = Path(run["log_dir"])
+        log_dir.mkdir(parents=True, exist_ok=True)
+        recorder = Recorder(log_dir, spec.get("kill_at_step"), group)
+        try:
+            fit(config_lib.load("asymoe", run["overrides"]), callbacks=[recorder])
+        except ConfigError as error:  # raised by every rank before training: the next run can go on
+            if is_first_process():
+                (log_dir / REFUSED_FILE).write_text(str(error))
 
 
-def launch(spec: dict, folder: Path) -> tuple[int, str]:
-    """Run `worker` on `spec` in a new process group; returns (exit status, its whole output)."""
+def launch(runs: list[dict], folder: Path, **process) -> tuple[int, str]:
+    """Run `worker` over `runs` in a new process group; returns (exit status, its whole output).
+
+    Each run: `overrides` and `log_dir` (default `folder`). `process`: the fault (`kill_at_step`, or
+    `save_fault` and `on_save`) and whether a kill ends the whole process group (`group`).
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    spec = {**spec, "log_dir": str(folder), "threads": torch.get_num_threads()}
+    runs = [{"log_dir": str(folder), **run} for run in runs]
+    spec = {**process, "runs": runs, "threads": torch.get_num_threads()}
     (folder / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     process = subprocess.Popen(
@@ -177,12 +202,26 @@ def launch(spec: dict, folder: Path) -> tuple[int, str]:
         start_new_session=True,  # its ranks share one group: a hang is ended with one killpg
     )
     try:
-        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
+        output, _ = process.communicate(timeout=RUN_TIMEOUT_S * len(runs))
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
         return -9999, "timed out: " + output.decode(errors="replace")[-2000:]
     return process.returncode, output.decode(errors="replace")
+
+
+def run_outputs(output: str, count: int) -> list[str]:
+    """A launch's output split into its `count` runs (at rank 0's markers); runs never reached get ''."""
+    parts = re.split(rf"^{re.escape(RUN_MARKER)}\d+$", output, flags=re.MULTILINE)[1:]
+    return (parts + [""] * count)[:count]
+
+
+def recorded_run(log_dir: Path) -> Recorder:
+    """A finished run's steps (rank 0) and final weights, read back from its log folder."""
+    recorder = Recorder()
+    recorder.steps = read_steps(log_dir)
+    recorder.weights = torch.load(log_dir / "weights.pt", weights_only=True)
+    return recorder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,59 +285,100 @@ def fault_spec(scenario: str, rng: random.Random) -> dict:
     return {"save_fault": "torn_swap", "on_save": rng.randint(1, 2)}
 
 
+def start_scenario(scenario: str, overrides: list[str], folder: Path, seed: int) -> tuple[dict, Outcome | None]:
+    """The faulty child run of one scenario and its fault checks; the fault, and an Outcome if it went wrong."""
+    fsdp2 = scenario.startswith("fsdp2")
+    run_dir = folder / "run"
+    fault = fault_spec(scenario, random.Random(seed))
+    runs = [{"overrides": overrides + [f"output_dir={run_dir}"]}]
+    code, output = launch(runs, folder / "killed", group=fsdp2, **fault)
+    if code != -signal.SIGKILL:
+        return fault, Outcome(scenario, False, f"the faulty run was not killed (exit {code}): {output[-300:]}")
+    if scenario == "corrupt_last":
+        corrupt_last(run_dir)
+    return fault, None
+
+
+def resume_overrides(overrides: list[str], folder: Path) -> list[str]:
+    return overrides + [f"output_dir={folder / 'run'}", "trainer.resume=last"]
+
+
+def finish_scenario(scenario: str, fault: dict, reference: Recorder, folder: Path, resumed: Recorder, notices=()):
+    """The Outcome of a scenario whose resumed run trained `resumed.steps` and ended with `resumed.weights`."""
+    killed_steps = read_steps(folder / "killed")
+    survived, detail, worst, from_step = compare(reference, resumed.steps, resumed.weights, killed_steps)
+    return Outcome(scenario, survived, detail, fault.get("kill_at_step"), from_step, worst, list(notices))
+
+
 def run_scenario(scenario: str, overrides: list[str], reference: Recorder, folder: Path, seed: int) -> Outcome:
-    """One scenario end to end: the faulty child run, the fault checks, `resume=last`, the comparison."""
+    """One single-process scenario end to end: the faulty child run, the fault checks, `resume=last` in
+    this process, the comparison."""
     from asymoe import config as config_lib
     from asymoe.config import ConfigError
     from asymoe.training.run import fit
 
-    fsdp2 = scenario.startswith("fsdp2")
-    run_dir = folder / "run"
-    spec = fault_spec(scenario, random.Random(seed))
-    spec.update(overrides=overrides + [f"output_dir={run_dir}"], group=fsdp2)
-    code, output = launch(spec, folder / "killed")
-    if code != -signal.SIGKILL:
-        return Outcome(scenario, False, f"the faulty run was not killed (exit {code}): {output[-300:]}")
-    if scenario == "corrupt_last":
-        corrupt_last(run_dir)
-    resume = overrides + [f"output_dir={run_dir}", "trainer.resume=last"]
-    notices: list[str] = []
+    assert not scenario.startswith("fsdp2"), "FSDP2 scenarios run together: run_fsdp2_scenarios"
+    fault, failed = start_scenario(scenario, overrides, folder, seed)
+    if failed is not None:
+        return failed
+    resumed = Recorder()
     try:
-        if fsdp2:
-            code, output = launch({"overrides": resume}, folder / "resumed")
-            if code != 0:
-                return Outcome(scenario, False, f"resume failed (exit {code}): {output[-300:]}", **_kill(spec))
-            steps = read_steps(folder / "resumed")
-            weights = torch.load(folder / "resumed" / "weights.pt", weights_only=True)
-            notices = [line for line in output.splitlines() if line.startswith("asymoe:")]
-        else:
-            recorder = Recorder()
-            fit(config_lib.load("asymoe", resume), callbacks=[recorder])
-            steps, weights = recorder.steps, recorder.weights
+        fit(config_lib.load("asymoe", resume_overrides(overrides, folder)), callbacks=[resumed])
     except ConfigError as error:
-        return Outcome(scenario, False, f"resume refused: {error}", **_kill(spec))
-    survived, detail, worst, from_step = compare(reference, steps, weights, read_steps(folder / "killed"))
-    return Outcome(scenario, survived, detail, spec.get("kill_at_step"), from_step, worst, notices)
+        return Outcome(scenario, False, f"resume refused: {error}", **_kill(fault))
+    return finish_scenario(scenario, fault, reference, folder, resumed)
 
 
-def _kill(spec: dict) -> dict:
-    return {"kill_step": spec.get("kill_at_step")}
+def run_fsdp2_scenarios(cases: list[tuple[str, int]], overrides: list[str], folder: Path) -> list[Outcome]:
+    """FSDP2 scenarios ((scenario, seed) pairs, in `folder/<scenario>-<i>`) against one uninterrupted run.
+
+    A 2-process launch costs its imports and process-group set-up before any step (tens of seconds
+    on 2 cores), so after one faulty launch per scenario a single launch trains the reference and then
+    every resume, one after another in the same two ranks (each `fit` seeds itself and builds its own
+    model, data and trainer). The reference is in `folder/reference`.
+    """
+    started = []
+    outcomes: dict[int, Outcome] = {}
+    for index, (scenario, seed) in enumerate(cases):
+        case_folder = folder / f"{scenario}-{index}"
+        fault, failed = start_scenario(scenario, overrides, case_folder, seed)
+        if failed is not None:
+            outcomes[index] = failed
+        else:
+            started.append((index, scenario, fault, case_folder))
+    reference_dir = folder / "reference"
+    runs = [{"overrides": overrides + [f"output_dir={reference_dir / 'run'}"], "log_dir": str(reference_dir)}]
+    runs += [{"overrides": resume_overrides(overrides, f), "log_dir": str(f / "resumed")} for *_, f in started]
+    code, output = launch(runs, folder / "reference-and-resumes")
+    outputs = run_outputs(output, len(runs))
+    assert (reference_dir / "weights.pt").is_file(), f"the reference run failed (exit {code}): {outputs[0][-3000:]}"
+    reference = recorded_run(reference_dir)
+    for (index, scenario, fault, case_folder), run_output in zip(started, outputs[1:]):
+        resumed_dir = case_folder / "resumed"
+        if (resumed_dir / REFUSED_FILE).is_file():
+            detail = f"resume refused: {(resumed_dir / REFUSED_FILE).read_text()}"
+            outcomes[index] = Outcome(scenario, False, detail, **_kill(fault))
+        elif not (resumed_dir / "weights.pt").is_file():
+            detail = f"resume failed (exit {code}): {(run_output or 'not reached')[-300:]}"
+            outcomes[index] = Outcome(scenario, False, detail, **_kill(fault))
+        else:
+            notices = [line for line in run_output.splitlines() if line.startswith("asymoe:")]
+            resumed = recorded_run(resumed_dir)
+            outcomes[index] = finish_scenario(scenario, fault, reference, case_folder, resumed, notices)
+    return [outcomes[index] for index in range(len(cases))]
 
 
-def reference_run(overrides: list[str], folder: Path, fsdp2: bool) -> Recorder:
-    """The uninterrupted run every scenario of its kind is compared with."""
+def _kill(fault: dict) -> dict:
+    return {"kill_step": fault.get("kill_at_step")}
+
+
+def reference_run(overrides: list[str], folder: Path) -> Recorder:
+    """The uninterrupted single-process run (in this process) every single-process scenario is compared with."""
     from asymoe import config as config_lib
     from asymoe.training.run import fit
 
-    if not fsdp2:
-        recorder = Recorder()
-        fit(config_lib.load("asymoe", overrides + [f"output_dir={folder / 'run'}"]), callbacks=[recorder])
-        return recorder
-    code, output = launch({"overrides": overrides + [f"output_dir={folder / 'run'}"]}, folder)
-    assert code == 0, output[-3000:]
     recorder = Recorder()
-    recorder.steps = read_steps(folder)
-    recorder.weights = torch.load(folder / "weights.pt", weights_only=True)
+    fit(config_lib.load("asymoe", overrides + [f"output_dir={folder / 'run'}"]), callbacks=[recorder])
     return recorder
 
 
@@ -368,16 +448,19 @@ def main() -> None:
     started = time.time()
     overrides = TINY + FAULT_OVERRIDES
     outcomes = []
-    kinds = [(False, SCENARIOS)] + ([(True, FSDP2_SCENARIOS)] if args.fsdp2 else [])
-    for fsdp2, scenarios in kinds:
-        kind_overrides = overrides + (FSDP2_OVERRIDES if fsdp2 else [])
-        reference = reference_run(kind_overrides, args.workdir / f"reference{'-fsdp2' * fsdp2}", fsdp2)
-        for scenario in scenarios:
-            for repeat in range(args.repeats):
-                seed = args.seed * 1000 + repeat
-                folder = args.workdir / f"{scenario}-{repeat}"
-                outcomes.append(run_scenario(scenario, kind_overrides, reference, folder, seed))
-                print(outcomes[-1], flush=True)
+    reference = reference_run(overrides, args.workdir / "reference")
+    for scenario in SCENARIOS:
+        for repeat in range(args.repeats):
+            seed = args.seed * 1000 + repeat
+            folder = args.workdir / f"{scenario}-{repeat}"
+            outcomes.append(run_scenario(scenario, overrides, reference, folder, seed))
+            print(outcomes[-1], flush=True)
+    if args.fsdp2:
+        seeds = [args.seed * 1000 + repeat for repeat in range(args.repeats)]
+        cases = [(scenario, seed) for scenario in FSDP2_SCENARIOS for seed in seeds]
+        for outcome in run_fsdp2_scenarios(cases, overrides + FSDP2_OVERRIDES, args.workdir / "fsdp2"):
+            outcomes.append(outcome)
+            print(outcome, flush=True)
     _write_results(outcomes, args, time.time() - started)
 
 

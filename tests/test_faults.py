@@ -37,7 +37,7 @@ OVERRIDES = TINY + faults.FAULT_OVERRIDES
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
-    return faults.reference_run(OVERRIDES, folder, fsdp2=False), folder / "run"
+    return faults.reference_run(OVERRIDES, folder), folder / "run"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,18 +57,25 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(scenario, seed, referen
         assert len(notice) == 1 and "last.ckpt is corrupt (" in notice[0] and "the newest good checkpoint" in notice[0]
 
 
+FSDP2_CASES = [("fsdp2_kill_at_step", 3), ("fsdp2_kill_in_swap", 1)]
+
+
 @pytest.fixture(scope="module")
-def fsdp2_reference(tmp_path_factory):
-    return faults.reference_run(OVERRIDES + faults.FSDP2_OVERRIDES, tmp_path_factory.mktemp("fsdp2"), fsdp2=True)
+def fsdp2_outcomes(tmp_path_factory):
+    """Both FSDP2 scenarios: a faulty 2-process launch each, then one for the uninterrupted run and both resumes."""
+    folder = tmp_path_factory.mktemp("fsdp2")
+    outcomes = faults.run_fsdp2_scenarios(FSDP2_CASES, OVERRIDES + faults.FSDP2_OVERRIDES, folder)
+    return dict(zip(FSDP2_CASES, outcomes))
 
 
-# Three 2-process runs per scenario (the reference is shared): minutes on a 2-core machine. The
-# ResNet encoder's BatchNorm statistics are per-rank buffers: without `broadcast_buffers` the
-# resumed run's running means differed from the uninterrupted run's by ~1e-2.
+# Three 2-process launches for both scenarios: minutes on a 2-core machine. The ResNet encoder's
+# BatchNorm statistics are per-rank buffers: without `broadcast_buffers` the resumed run's running
+# means differed from the uninterrupted run's by ~1e-2.
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario, seed", [("fsdp2_kill_at_step", 3), ("fsdp2_kill_in_swap", 1)])
-def test_fsdp2_killed_run_resumes_to_the_uninterrupted_weights(scenario, seed, fsdp2_reference, tmp_path):
-    outcome = faults.run_scenario(scenario, OVERRIDES + faults.FSDP2_OVERRIDES, fsdp2_reference, tmp_path, seed)
+@pytest.mark.parametrize("scenario, seed", FSDP2_CASES)
+def test_fsdp2_killed_run_resumes_to_the_uninterrupted_weights(scenario, seed, fsdp2_outcomes):
+    outcome = fsdp2_outcomes[scenario, seed]
+    assert outcome.scenario == scenario
     assert outcome.survived, outcome.detail
     assert outcome.resumed_from_step in (2, 4) and outcome.max_abs_diff <= 1e-5
     if scenario == "fsdp2_kill_in_swap":  # last.ckpt was moved aside: a complete step-4 folder is found
