@@ -2,7 +2,9 @@
 
 Multi-process runs go through `asymoe.training.run.fit` in a child script (Lightning re-launches
 the script for rank 1), bounded by a timeout so that a collective hang fails the test instead of
-stalling the suite. Each rank writes its losses and a parameter checksum to rank<N>.json.
+stalling the suite. Each rank writes its losses and a parameter checksum to rank<N>.json. The FSDP2
+and DDP runs are two `fit` calls of one launch: a 2-process start (imports, process group) costs
+more than either run's training on 2 cores.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ DISTRIBUTED = TINY + ["data.images_per_batch=1", "trainer.max_steps=3", "trainer
 RUN_TIMEOUT_S = 240
 
 WORKER = '''
-"""fit() on every rank; rank `text_only_rank` gets its batches stripped of images."""
+"""fit() of each run on every rank; rank `text_only_rank` gets its batches stripped of images."""
 import json, sys
 from pathlib import Path
 
@@ -46,7 +48,8 @@ spec = json.loads(Path(sys.argv[1]).read_text())
 
 
 class Probe(L.Callback):
-    def __init__(self):
+    def __init__(self, out):
+        self.out = out
         self.local, self.reduced, self.text_only = [], [], []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -69,26 +72,32 @@ class Probe(L.Callback):
             total += full.detach().double().abs().sum()
         record = {"local": self.local, "reduced": self.reduced, "text_only": self.text_only,
                   "param_abs_sum": total.item(), "world_size": trainer.world_size}
-        Path(spec["out"], f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
-fit(config_lib.load(spec["config"], spec["overrides"]), callbacks=[Probe()])
+for run in spec["runs"]:  # one after another in the same ranks; the process group is set up once
+    fit(config_lib.load(spec["config"], run["overrides"]), callbacks=[Probe(run["out"])])
 '''
 
 
 def run_two_processes(
     folder: Path,
-    strategy: str,
+    strategies: list[str],
     text_only_rank: int = 1,
-) -> tuple[list[dict], Path]:
+) -> dict[str, tuple[list[dict], Path]]:
+    """One 2-process launch that trains once per strategy, in order; per strategy its ranks' records and run dir."""
     folder.mkdir(parents=True)
-    run_dir = folder / "run"
-    spec = {
-        "config": "asymoe",
-        "out": str(folder),
-        "text_only_rank": text_only_rank,
-        "overrides": DISTRIBUTED + [f"trainer.strategy={strategy}", "trainer.devices=2", f"output_dir={run_dir}"],
-    }
+    runs = [
+        {
+            "out": str(folder / strategy),
+            "overrides": DISTRIBUTED
+            + [f"trainer.strategy={strategy}", "trainer.devices=2", f"output_dir={folder / strategy / 'run'}"],
+        }
+        for strategy in strategies
+    ]
+    for run in runs:
+        Path(run["out"]).mkdir()
+    spec = {"config": "asymoe", "text_only_rank": text_only_rank, "runs": runs}
     (folder / "spec.json").write_text(json.dumps(spec))
     (folder / "worker.py").write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
@@ -100,19 +109,32 @@ def run_two_processes(
         stderr=subprocess.STDOUT,
         start_new_session=True,  # rank 1 joins this session, so one killpg ends both on a hang
     )
+    timeout = RUN_TIMEOUT_S * len(strategies)
     try:
-        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
+        output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        pytest.fail(f"{strategy} run hung for {RUN_TIMEOUT_S} s:\n{output.decode()[-3000:]}")
+        pytest.fail(f"{'+'.join(strategies)} runs hung for {timeout} s:\n{output.decode()[-3000:]}")
     assert process.returncode == 0, output.decode()[-3000:]
-    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(2)], run_dir
+    results = {}
+    for strategy in strategies:
+        ranks = [json.loads((folder / strategy / f"rank{rank}.json").read_text()) for rank in range(2)]
+        results[strategy] = ranks, folder / strategy / "run"
+    return results
 
 
 @pytest.fixture(scope="module")
-def fsdp2_run(tmp_path_factory):
-    return run_two_processes(tmp_path_factory.mktemp("fsdp2") / "job", "fsdp2")
+def two_process_runs(request, tmp_path_factory):
+    """FSDP2, and DDP too unless its (slow) comparison test is deselected, in one 2-process launch."""
+    selected = {item.originalname for item in request.session.items}
+    strategies = ["fsdp2"] + (["ddp"] if "test_ddp_matches_fsdp2" in selected else [])
+    return run_two_processes(tmp_path_factory.mktemp("two-process") / "job", strategies)
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(two_process_runs):
+    return two_process_runs["fsdp2"]
 
 
 def test_fsdp2_two_cpu_processes_with_a_text_only_rank(fsdp2_run):
@@ -158,9 +180,10 @@ def test_sharded_checkpoint_loads_into_one_process(fsdp2_run):
 
 
 @pytest.mark.slow
-def test_ddp_matches_fsdp2(fsdp2_run, tmp_path):
-    fsdp2_ranks, _ = fsdp2_run
-    ranks, _ = run_two_processes(tmp_path / "ddp", "ddp")
+def test_ddp_matches_fsdp2(two_process_runs):
+    fsdp2_ranks, _ = two_process_runs["fsdp2"]
+    ranks, _ = two_process_runs["ddp"]
+    assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["reduced"] == ranks[1]["reduced"]
     assert ranks[0]["reduced"] == pytest.approx(fsdp2_ranks[0]["reduced"], rel=1e-5)
     assert ranks[0]["param_abs_sum"] == pytest.approx(fsdp2_ranks[0]["param_abs_sum"], rel=1e-7)
