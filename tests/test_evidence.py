@@ -8,7 +8,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from asymoe.config import ConfigError, EvidenceConfig, load
-from asymoe.models.evidence import EvidenceExperts, evidence_attention
+from asymoe.models.evidence import EvidenceExperts, EvidenceMask, evidence_attention
 from asymoe.models.language import build_groups
 from asymoe.models.moe import MoEBlock, MoEState, TokenMeta
 from asymoe.models.positions import PackedPositions
@@ -93,12 +93,12 @@ def test_answer_tokens_never_serve_as_keys_or_values():
     perturbed = torch.where(not_evidence.unsqueeze(-1), hidden + 5 * torch.randn_like(hidden), hidden)
 
     # Keys/values taken from the perturbed states: nobody's context moves (queries held fixed).
-    attention = group.cross_attention
-    assert torch.equal(attention(hidden, perturbed, meta.evidence_mask), attention(hidden, hidden, meta.evidence_mask))
+    attention, mask = group.cross_attention, EvidenceMask.of(meta.evidence_mask)
+    assert torch.equal(attention(hidden, perturbed, mask), attention(hidden, hidden, mask))
     states, moved = hidden.unsqueeze(1), perturbed.unsqueeze(1)
     assert torch.equal(
-        evidence_attention(states, moved, moved, meta.evidence_mask)[0],
-        evidence_attention(states, states, states, meta.evidence_mask)[0],
+        evidence_attention(states, moved, moved, EvidenceMask.of(meta.evidence_mask))[0],
+        evidence_attention(states, states, states, EvidenceMask.of(meta.evidence_mask))[0],
     )
     # Through prepare(): context and s_evd are unchanged at every evidence (query-unchanged) position.
     extras = group.prepare(hidden, meta)
@@ -334,3 +334,37 @@ def test_attention_for_the_reachable_positions_only_equals_the_full_one_there():
     block, _ = moe_block(route_bias=True)
     assert block.group_routers["language"] == ("language",) and block.group_routers["shared"] == ("vision", "language")
     assert torch.equal(meta.reachable(block.group_routers["shared"]), meta.valid)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_query_chunks_for_a_parallel_cpu_backward_give_the_same_attention(threads, monkeypatch):
+    """One sample, one head: with more threads than (sample, head) pairs the queries run as chunks (GQA heads)."""
+    generator = torch.Generator().manual_seed(7)
+    evidence = torch.rand(1, 23, generator=generator) > 0.4
+    mask = EvidenceMask.of(evidence, torch.arange(6, 23).unsqueeze(0))  # 17 queries: 3 chunks need a padded one
+    query, key, value = (torch.randn(1, 1, n, 8, generator=generator, dtype=torch.float64) for n in (17, 23, 23))
+    for tensor in (query, key, value):
+        tensor.requires_grad_()
+    grad = torch.randn(1, 1, 17, 8, generator=generator, dtype=torch.float64)
+    results = []
+    for thread_count in (1, threads):
+        monkeypatch.setattr(torch, "get_num_threads", lambda count=thread_count: count)
+        out, has_evidence = evidence_attention(query, key, value, mask)
+        results.append((out, *torch.autograd.grad(out, (query, key, value), grad)))
+    reference = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask.allowed)
+    torch.testing.assert_close(results[0][0], reference * has_evidence[:, None, :, None], rtol=0, atol=1e-12)
+    for single, chunked in zip(*results, strict=True):
+        torch.testing.assert_close(chunked, single, rtol=0, atol=1e-12)
+
+
+def test_one_evidence_mask_per_batch_serves_both_attentions_of_every_layer():
+    first, second, meta = make_group(), make_group(), make_meta()
+    hidden = torch.randn(2, 10, HIDDEN)
+    language = meta.reachable(("language",))
+    first.prepare(hidden, meta, language)
+    masks = [value for key, value in meta._memo.items() if key[0] == "evidence_mask"]
+    second.prepare(hidden, meta, language)
+    assert len(masks) == 1 and [v for k, v in meta._memo.items() if k[0] == "evidence_mask"] == masks
+    # Its additive form is SDPA's reading of the bool mask: 0 where allowed, -inf elsewhere.
+    additive = masks[0].additive(torch.float32)
+    assert torch.equal(additive == 0, masks[0].allowed) and bool(additive[~masks[0].allowed].eq(float("-inf")).all())

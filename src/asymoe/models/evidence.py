@@ -39,6 +39,7 @@ Our reading (the paper leaves these points open):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,33 +55,75 @@ if TYPE_CHECKING:
     from asymoe.models.moe import TokenMeta
 
 
-def evidence_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    evidence_mask: torch.Tensor,
-    query_position: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled dot-product attention of each query at position i over its sample's evidence positions j ≤ i.
+@dataclass(eq=False)
+class EvidenceMask:
+    """Which positions each query attends: its sample's evidence positions j ≤ i.
 
-    query (batch, heads, Q, head_dim); key, value (batch, heads, seq, head_dim); evidence_mask
-    (batch, seq) bool; query_position (batch, Q): each query's position (default: query q is at
-    position q, Q = seq). Returns the attention output (batch, heads, Q, head_dim), exactly 0 on
-    rows with no evidence, and has_evidence (batch, Q).
+    Built once per batch for the positions that run the evidence attentions (`EvidenceExperts.prepare`
+    caches it on the batch's TokenMeta), so the cross-attention and the routing-bias attention of
+    every layer share one mask instead of each building it. A query with no evidence at or before
+    it attends its own position instead (a softmax over nothing is NaN in value and gradient); its
+    output is then multiplied by 0 (`has_evidence`).
     """
-    seq = key.shape[-2]
-    if query_position is None:
-        query_position = torch.arange(query.shape[-2], device=query.device).expand(query.shape[0], -1)
-    key_position = torch.arange(seq, device=query.device)
-    causal = key_position <= query_position.unsqueeze(-1)  # (batch, Q, seq): j <= i
-    allowed = causal & evidence_mask.unsqueeze(1)
-    has_evidence = allowed.any(dim=-1)  # (batch, Q)
-    # An all-masked row would softmax over nothing (NaN in value and gradient). Such a row attends to
-    # its own position instead, and its output (hence its gradient) is multiplied by 0 below.
-    own = key_position == query_position.unsqueeze(-1)
-    allowed = allowed | (own & ~has_evidence.unsqueeze(-1))
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed.unsqueeze(1))
-    return out * has_evidence[:, None, :, None].to(out.dtype), has_evidence
+
+    allowed: torch.Tensor  # (batch, 1, Q, seq) bool
+    has_evidence: torch.Tensor  # (batch, Q) bool
+    _additive: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @staticmethod
+    def of(evidence_mask: torch.Tensor, query_position: torch.Tensor | None = None) -> EvidenceMask:
+        """evidence_mask (batch, seq) bool; query_position (batch, Q): each query's position (default: query
+        q at position q, Q = seq)."""
+        batch, seq = evidence_mask.shape
+        key_position = torch.arange(seq, device=evidence_mask.device)
+        if query_position is None:
+            query_position = key_position.expand(batch, -1)
+        allowed = (key_position <= query_position.unsqueeze(-1)) & evidence_mask.unsqueeze(1)  # (batch, Q, seq)
+        has_evidence = allowed.any(dim=-1)  # (batch, Q)
+        allowed |= (key_position == query_position.unsqueeze(-1)) & ~has_evidence.unsqueeze(-1)
+        return EvidenceMask(allowed.unsqueeze(1), has_evidence)
+
+    def additive(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as SDPA adds it (0 where allowed, −inf elsewhere) in `dtype`, converted once per dtype:
+        the same values SDPA derives from a bool mask on every call."""
+        if dtype not in self._additive:
+            zeros = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device)
+            self._additive[dtype] = zeros.masked_fill_(~self.allowed, float("-inf"))
+        return self._additive[dtype]
+
+
+def evidence_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: EvidenceMask
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention of each query over its sample's evidence positions j ≤ i (`mask`).
+
+    query (batch, heads, Q, head_dim); key, value (batch, heads, seq, head_dim). Returns the attention
+    output (batch, heads, Q, head_dim), exactly 0 on rows with no evidence, and has_evidence (batch, Q).
+    """
+    out = _masked_attention(query, key, value, mask.additive(query.dtype))
+    return out * mask.has_evidence[:, None, :, None].to(out.dtype), mask.has_evidence
+
+
+def _masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA with an additive mask (batch, 1, Q, seq); on CPU, queries split into chunks when batch × heads
+    is below the thread count.
+
+    torch's CPU flash-attention backward runs one thread per (sample, head): the single-head routing-bias
+    attention of a one-sample batch would run its backward on one core. Query chunks become heads sharing
+    their head's keys and values (grouped-query attention): the same attention row by row, in parallel.
+    """
+    batch, heads, queries, head_dim = query.shape
+    chunks = min(torch.get_num_threads(), queries) // (batch * heads) if query.device.type == "cpu" else 1
+    if chunks <= 1:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    padded = -(-queries // chunks) * chunks
+    if padded > queries:  # padding queries attend every key; their rows are dropped
+        query = F.pad(query, (0, 0, 0, padded - queries))
+        mask = F.pad(mask, (0, 0, 0, padded - queries))
+    split = query.reshape(batch, heads * chunks, padded // chunks, head_dim)
+    split_mask = mask.expand(batch, heads, padded, mask.shape[-1]).reshape(batch, heads * chunks, padded // chunks, -1)
+    out = F.scaled_dot_product_attention(split, key, value, attn_mask=split_mask, enable_gqa=True)
+    return out.reshape(batch, heads, padded, head_dim)[:, :, :queries]
 
 
 class EvidenceCrossAttention(nn.Module):
@@ -102,22 +145,15 @@ class EvidenceCrossAttention(nn.Module):
         batch, seq, _ = states.shape
         return states.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)  # (batch, heads, seq, head_dim)
 
-    def forward(
-        self,
-        query_states: torch.Tensor,
-        evidence_states: torch.Tensor,
-        evidence_mask: torch.Tensor,
-        query_position: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """query_states (batch, Q, d) at query_position (batch, Q) (default: 0..Q−1), evidence_states
-        (batch, seq, d) -> context (batch, Q, d)."""
+    def forward(self, query_states: torch.Tensor, evidence_states: torch.Tensor, mask: EvidenceMask) -> torch.Tensor:
+        """query_states (batch, Q, d), evidence_states (batch, seq, d) -> context (batch, Q, d); `mask` says
+        which positions each query attends."""
         batch, queries, width = query_states.shape
         attended, _ = evidence_attention(
             self._split(self.q_proj(query_states)),
             self._split(self.k_proj(evidence_states)),
             self._split(self.v_proj(evidence_states)),
-            evidence_mask,
-            query_position,
+            mask,
         )
         return self.o_proj(attended.transpose(1, 2).reshape(batch, queries, width))
 
@@ -184,14 +220,16 @@ class EvidenceExperts(FFNExperts):
         # Both attentions run only for the positions that can reach the group (the others' extras are 0).
         positions = meta.packed(reachable) if reachable is not None else PackedPositions.everywhere(hidden)
         queries = positions.gather(hidden)  # (batch, Q, d)
-        attended = self.cross_attention(queries, hidden, meta.evidence, positions.index)
+        # One mask per batch for both attentions of every layer.
+        mask = meta.memo(("evidence_mask", positions), lambda: EvidenceMask.of(meta.evidence, positions.index))
+        attended = self.cross_attention(queries, hidden, mask)
         extras = {"context": positions.scatter(attended).reshape(batch * seq, width)}
         if self.fixed_alpha is None:
             extras["alpha"] = torch.sigmoid(F.linear(tokens, self.alpha_weight, self.alpha_bias))  # (tokens, experts)
         else:
             extras["alpha"] = tokens.new_full((batch * seq, self.num_experts), self.fixed_alpha)
         if self.route_bias:
-            score = self._evidence_score(queries, hidden, meta.evidence, positions.index)  # (batch, Q)
+            score = self._evidence_score(queries, hidden, mask)  # (batch, Q)
             extras["s_evd"] = positions.scatter(score).reshape(batch * seq)
         # Kept for `scalars`, which reduces them only when statistics are read.
         self._last = (
@@ -200,15 +238,13 @@ class EvidenceExperts(FFNExperts):
         )
         return extras
 
-    def _evidence_score(
-        self, queries: torch.Tensor, hidden: torch.Tensor, evidence_mask: torch.Tensor, query_position: torch.Tensor
-    ) -> torch.Tensor:
-        """s_evd = σ(w_evd · Attn(h, c)) (Eqs. 18-19) for queries (batch, Q, d) at query_position, float32
-        like the router; 0 without evidence."""
+    def _evidence_score(self, queries: torch.Tensor, hidden: torch.Tensor, mask: EvidenceMask) -> torch.Tensor:
+        """s_evd = σ(w_evd · Attn(h, c)) (Eqs. 18-19) for queries (batch, Q, d), float32 like the router;
+        0 without evidence."""
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             states = hidden.float().unsqueeze(1)  # (batch, 1, seq, d): one head, k = v = h
             query = queries.float().unsqueeze(1)  # q = h at the query positions
-            attended, has_evidence = evidence_attention(query, states, states, evidence_mask, query_position)
+            attended, has_evidence = evidence_attention(query, states, states, mask)
             score = torch.sigmoid(F.linear(attended.squeeze(1), self.route_weight.float().unsqueeze(0)))
             return score.squeeze(-1) * has_evidence  # (batch, Q)
 

@@ -17,8 +17,10 @@ the forward again during backward) leaves them unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -39,6 +41,8 @@ from asymoe.models.routing import (
     z_loss,
 )
 
+T = TypeVar("T")
+
 
 @dataclass(eq=False)
 class TokenMeta:
@@ -56,6 +60,7 @@ class TokenMeta:
     answer_mask: torch.Tensor  # supervised answer positions
     _reachable: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, init=False, repr=False)
     _packed: dict[int, tuple[torch.Tensor, PackedPositions]] = field(default_factory=dict, init=False, repr=False)
+    _memo: dict[Hashable, object] = field(default_factory=dict, init=False, repr=False)
 
     @cached_property
     def valid(self) -> torch.Tensor:
@@ -114,6 +119,16 @@ class TokenMeta:
         if cached is None or cached[0] is not mask:
             cached = self._packed[id(mask)] = (mask, PackedPositions.of(mask))
         return cached[1]
+
+    def memo(self, key: Hashable, build: Callable[[], T]) -> T:
+        """`build()` once per batch under `key` (e.g. a mask that every layer derives alike).
+
+        A key naming an object should name one this TokenMeta keeps alive (a `packed` result), so
+        that it is never reused by another object.
+        """
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]  # type: ignore[return-value]
 
 
 @dataclass
