@@ -566,6 +566,34 @@ def test_lorentz_linear_equals_the_product_with_the_time_coordinate(width):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("clipped_rows", [False, True])
+def test_gated_columns_equal_the_time_columns_of_the_clipped_gated_unit(clipped_rows):
+    """silu(g) ⊙ u, its radius clip and its time columns in one function: values and all gradients in float64."""
+    from asymoe.models.hyperbolic import gated_columns
+
+    torch.manual_seed(2)
+    width, kappa = 5, 0.7 / 64  # float64 rows of 5 + 2 columns padded to 8
+    gate_up = torch.randn(5, 2 * width, dtype=torch.float64)
+    if clipped_rows:  # rows 1 and 3 far past the bound 2^15/√κ, the rest inside it
+        gate_up[[1, 3]] *= 3e3
+    grad = torch.randn(5, lorentz.augmented_width(width, 8), dtype=torch.float64)
+    mine = [gate_up.clone().requires_grad_(), torch.tensor([kappa], dtype=torch.float64, requires_grad=True)]
+    ref = [t.detach().clone().requires_grad_() for t in mine]
+    out = gated_columns(mine[0], torch.nn.functional.silu, mine[1])
+    gate, up = ref[0].chunk(2, dim=-1)
+    limit = lorentz.RADIUS_MAX / kappa**0.5  # a constant of the curvature, as in clip_radius
+    inner = torch.nn.functional.silu(gate) * up
+    inner = inner * (limit / lorentz.safe_norm(inner)).clamp(max=1.0)
+    ones = torch.ones(5, 1, dtype=torch.float64)
+    expected = torch.cat([inner, lorentz.time(inner, ref[1]), ones, torch.zeros(5, 1, dtype=torch.float64)], dim=-1)
+    assert bool((lorentz.safe_norm(torch.nn.functional.silu(gate) * up) > limit).any()) == clipped_rows
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    out.backward(grad)
+    expected.backward(grad)
+    for a, b in zip(mine, ref, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_poincare_sinh_of_scaled_asinh_equals_autograd_of_the_formula():
     """sinh(clamp(s·asinh(a))) through expm1/log1p with its closed-form backward, s broadcast per column."""
     from asymoe.models.poincare import _SinhOfScaledAsinh

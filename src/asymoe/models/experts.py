@@ -39,13 +39,14 @@ def gated_ffn(
     return linear(gated_unit(linear(tokens, gate_up_proj), act_fn), down_proj)  # (n, 2f) -> (n, f) -> (n, d)
 
 
-def _is_silu(act_fn) -> bool:
+def is_silu(act_fn) -> bool:
+    """Whether act_fn is SiLU (the gated units with a hand-written backward)."""
     return act_fn is F.silu or isinstance(act_fn, (nn.SiLU, SiLUActivation))
 
 
 def gated_unit(gate_up: torch.Tensor, act_fn) -> torch.Tensor:
     """act(gate) ⊙ up for gate_up = [gate; up] (..., 2f) -> (..., f); SiLU through `_SwiGLU`."""
-    if _is_silu(act_fn):
+    if is_silu(act_fn):
         return _SwiGLU.apply(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return act_fn(gate) * up

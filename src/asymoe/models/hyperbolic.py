@@ -40,7 +40,7 @@ from transformers.activations import ACT2FN
 from asymoe.config import GeometryLossConfig
 from asymoe.models import lorentz, poincare
 from asymoe.models.dispatch import ExpertLayout, ExpertRows
-from asymoe.models.experts import ExpertGroup, gated_unit
+from asymoe.models.experts import ExpertGroup, gated_unit, is_silu
 
 if TYPE_CHECKING:
     from asymoe.models.moe import TokenMeta
@@ -68,6 +68,71 @@ class _InwardClamp(torch.autograd.Function):
         # Descent moves value by −grad: above `high` only grad > 0 moves it inward, below `low` grad < 0.
         outward = ((value > ctx.high) & (grad < 0)) | ((value < ctx.low) & (grad > 0))
         return grad.masked_fill(outward, 0.0), None, None
+
+
+def gated_columns(gate_up: torch.Tensor, act_fn, curvature: torch.Tensor) -> torch.Tensor:
+    """`lorentz.time_columns` of clip_radius(act(gate) ⊙ up): the second layer's input, (..., augmented_width(f)).
+
+    With SiLU one autograd function (`_SwiGLUColumns`) writes act(gate) ⊙ up straight into the
+    columns and takes its norm once for the clip and the time column; the composition of the three
+    (what it equals) took two norms and a copy of every row.
+    """
+    if is_silu(act_fn):
+        limit = torch.as_tensor(lorentz.RADIUS_MAX / curvature**0.5, dtype=gate_up.dtype, device=gate_up.device)
+        return _SwiGLUColumns.apply(gate_up, curvature.to(gate_up.dtype), limit.detach())
+    inner = lorentz.clip_radius(gated_unit(gate_up, act_fn), curvature)
+    return lorentz.time_columns(inner, curvature)
+
+
+class _SwiGLUColumns(torch.autograd.Function):
+    """[z; z_t; 1; 0 …] for z = s·min(1, limit/‖s‖), s = silu(gate) ⊙ up, z_t = sqrt(1/c + ‖z‖²).
+
+    Backward: ∂/∂z = g_z + (g_t/z_t)·z; through the clip the identity where a row is not clipped
+    and (limit/‖s‖)·(g − s·(s·g)/‖s‖²) where it is; ∂/∂c = −Σ g_t/(2c²·z_t); then SiLU-gated
+    unit's backward (as `experts._SwiGLU`, silu(gate) recomputed).
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor, curvature: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        width = gate.shape[-1]
+        columns = gate_up.new_empty(*gate_up.shape[:-1], lorentz.augmented_width(width, gate_up.element_size()))
+        inner = columns[..., :width]
+        torch.mul(F.silu(gate), up, out=inner)
+        norm = lorentz.safe_norm(inner)  # (..., 1)
+        clipped = limit < norm
+        # As lorentz.clip_radius: on CPU a clipped row is looked for once; elsewhere every row is scaled.
+        ctx.none_clipped = gate_up.device.type == "cpu" and not bool(clipped.any())
+        scale = None if ctx.none_clipped else (limit / norm).clamp(max=1.0)
+        if scale is not None:
+            inner.mul_(scale)
+            norm = norm * scale
+        x_time = torch.sqrt(1.0 / curvature + norm.square())
+        columns[..., width : width + 1] = x_time
+        columns[..., width + 1] = 1.0
+        columns[..., width + 2 :] = 0.0
+        ctx.save_for_backward(gate_up, columns, x_time, norm, scale, clipped, curvature)
+        return columns
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate_up, columns, x_time, norm, scale, clipped, curvature = ctx.saved_tensors
+        width = gate_up.shape[-1] // 2
+        inner = columns[..., :width]
+        grad_time = grad[..., width : width + 1] / x_time  # (..., 1)
+        grad_inner = torch.addcmul(grad[..., :width], inner, grad_time)  # ∂/∂z
+        if scale is not None:  # through the clip; with s = z/scale, s·(s·g)/‖s‖² = z·(z·g)/‖z‖² (norm = ‖z‖)
+            radial = (inner * grad_inner).sum(-1, keepdim=True) / norm.square()
+            grad_inner = torch.where(clipped, scale * (grad_inner - inner * radial), grad_inner)
+        grad_c = None
+        if ctx.needs_input_grad[1]:
+            grad_c = (-grad_time.sum() / (2.0 * curvature.square())).reshape(curvature.shape)
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(grad_inner * up, gate, grad_input=grad_gate)
+        torch.mul(grad_inner, F.silu(gate), out=grad_up)
+        return grad_gate_up, grad_c, None
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -243,7 +308,7 @@ class HyperbolicExperts(ExpertGroup):
             kappa = self.manifold_curvature()
             point = self._to_manifold(tokens.float(), kappa)  # (n, d) space part
             weights = {name: weight[expert].float() for name, weight in self._expert_weights().items()}
-            output = self._layers(point, kappa, weights, F.linear, lorentz.identity)
+            output = self._layers(lorentz.time_columns(point, kappa), kappa, weights, F.linear, lorentz.identity)
         return output.to(tokens.dtype)  # (n, d)
 
     def forward_grouped(
@@ -255,8 +320,9 @@ class HyperbolicExperts(ExpertGroup):
         with torch.autocast(device_type=tokens.device.type, enabled=False):
             kappa = self.manifold_curvature()
             point = self._to_manifold(tokens.float(), kappa)  # (T, d): the exp map once per token
+            columns = layout.gather(lorentz.time_columns(point, kappa))  # and its time column, gathered to rows
             weights = {name: weight.float() for name, weight in self._expert_weights().items()}
-            output = self._layers(layout.gather(point), kappa, weights, layout.linear, layout.per_expert)
+            output = self._layers(columns, kappa, weights, layout.linear, layout.per_expert)
         return output.to(tokens.dtype)  # (layout, d)
 
     def matmul_widths(self) -> tuple[int, ...]:
@@ -264,8 +330,8 @@ class HyperbolicExperts(ExpertGroup):
         inputs = lorentz.augmented_width(self.hidden_size), lorentz.augmented_width(self.intermediate_size)
         return (*inputs, 2 * self.intermediate_size, self.hidden_size)
 
-    def _layers(self, point, kappa, weights, linear_fn, per_expert) -> torch.Tensor:
-        """The experts' layers (class docstring) on points (..., d), in float32.
+    def _layers(self, columns, kappa, weights, linear_fn, per_expert) -> torch.Tensor:
+        """The experts' layers (class docstring) on points given by their `lorentz.time_columns` (..., ·), in float32.
 
         weights: one expert's (matrices (out, in), vectors (out,)), with linear_fn = F.linear and
         per_expert the identity; or all experts' (E, out, in), (E, out), with an expert layout's
@@ -274,16 +340,16 @@ class HyperbolicExperts(ExpertGroup):
         clip = lorentz.clip_radius
         if self.geometry == "lorentz":
             first = weights["gate_up_proj"], weights["gate_up_time"], weights["gate_up_bias"]
-            gate_up = clip(lorentz.linear(point, *first, kappa, linear_fn), kappa)  # (..., 2f)
-            inner = clip(gated_unit(gate_up, self.act_fn), kappa)  # (..., f)
+            gate_up = clip(lorentz.columns_linear(columns, *first, linear_fn), kappa)  # (..., 2f)
+            inner = gated_columns(gate_up, self.act_fn, kappa)  # time columns of clip(act(g) ⊙ u), (..., ·)
             second = weights["down_proj"], weights["down_time"], weights["down_bias"]
-            output = lorentz.linear(inner, *second, kappa, linear_fn)  # (..., d)
+            output = lorentz.columns_linear(inner, *second, linear_fn)  # (..., d)
             return lorentz.log_map0(output, kappa, clip=True)
         first = weights["gate_up_proj"], weights["gate_up_bias"]
-        gate_up = poincare.fc_lifted(point, *first, kappa, linear_fn, per_expert)  # (..., 2f)
-        inner = clip(gated_unit(gate_up, self.act_fn), kappa)  # (..., f)
+        gate_up = poincare.fc_lifted_columns(columns, *first, kappa, linear_fn, per_expert)  # (..., 2f)
+        inner = gated_columns(gate_up, self.act_fn, kappa)  # time columns of clip(act(g) ⊙ u), (..., ·)
         second = weights["down_proj"], weights["down_bias"]
-        output = poincare.fc_lifted(inner, *second, kappa, linear_fn, per_expert)  # (..., d)
+        output = poincare.fc_lifted_columns(inner, *second, kappa, linear_fn, per_expert)  # (..., d)
         # The ball's log_0 of the output point is half the hyperboloid's log_o of its image.
         return lorentz.log_map0(output, kappa, clip=True) / 2.0
 

@@ -185,13 +185,27 @@ def linear(
 
     weight (out, in) acts on x_s, time_weight (out,) is W's time column, bias (out,). The time part
     is a non-linear function of ‖x_s‖, which is what makes the layer depend on c. One matrix
-    multiply does it all: the input gets the columns [x_t, 1] (and zeros up to `augmented_width`)
-    and the weight the columns [time_weight, bias], so no per-row copy of a time column or a bias
-    is formed; for the (E, out, in), (E, out) weights of many experts `linear_fn` is an expert
-    layout's linear (F.linear for one layer).
+    multiply does it all: the input gets the columns [x_t, 1] (and zeros up to `augmented_width`,
+    `time_columns`) and the weight the columns [time_weight, bias] (`columns_linear`), so no
+    per-row copy of a time column or a bias is formed; for the (E, out, in), (E, out) weights of
+    many experts `linear_fn` is an expert layout's linear (F.linear for one layer).
     """
-    columns = _TimeColumns.apply(x_space, torch.as_tensor(curvature, dtype=x_space.dtype, device=x_space.device))
-    padding = columns.shape[-1] - x_space.shape[-1] - 2
+    return columns_linear(time_columns(x_space, curvature), weight, time_weight, bias, linear_fn)
+
+
+def time_columns(x_space: torch.Tensor, curvature: Curvature) -> torch.Tensor:
+    """[x_s; x_t; 1; 0 …] (..., augmented_width(w)) for x_s (..., w): the input of `columns_linear`.
+
+    A row-wise function of the point, so an expert layout may form it per token and gather the rows.
+    """
+    return _TimeColumns.apply(x_space, torch.as_tensor(curvature, dtype=x_space.dtype, device=x_space.device))
+
+
+def columns_linear(
+    columns: torch.Tensor, weight: torch.Tensor, time_weight: torch.Tensor, bias: torch.Tensor, linear_fn=F.linear
+) -> torch.Tensor:
+    """`linear` on its input's `time_columns`: columns · [W; w_t; b; 0 …]ᵀ, (..., out)."""
+    padding = columns.shape[-1] - weight.shape[-1] - 2
     w_columns = [weight, time_weight.unsqueeze(-1), bias.unsqueeze(-1)]
     if padding:
         w_columns.append(weight.new_zeros(*weight.shape[:-1], padding))

@@ -61,20 +61,21 @@ def dist(x: torch.Tensor, y: torch.Tensor, curvature: Curvature) -> torch.Tensor
 
 
 def _hyperplane_asinh_terms(
-    x_space: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, curvature: Curvature, linear_fn, per_expert
+    columns: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, curvature: Curvature, linear_fn, per_expert
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(argument, scale) with √c·v_k(x) = scale·asinh(argument)
-    = 2‖z_k‖·asinh(√c⟨λ_x·x, ẑ_k⟩·cosh(2√c r_k) − (λ_x − 1)·sinh(2√c r_k)).
+    = 2‖z_k‖·asinh(√c⟨λ_x·x, ẑ_k⟩·cosh(2√c r_k) − (λ_x − 1)·sinh(2√c r_k)), x given by the
+    `lorentz.time_columns` of its hyperboloid space part x_s = λ_x·x.
 
-    The asinh argument of every k is [x_s; √c·x_t]·[√c cosh(2√c r_k) ẑ_k; −sinh(2√c r_k)] (x_s = λ_x·x):
-    the product of `lorentz.linear` (time column √c·(−sinh(2√c r_k)), no bias), one matrix multiply.
+    The asinh argument of every k is [x_s; √c·x_t]·[√c cosh(2√c r_k) ẑ_k; −sinh(2√c r_k)]: the
+    product of `lorentz.columns_linear` (time column √c·(−sinh(2√c r_k)), no bias), one matrix multiply.
     """
     sqrt_c = curvature**0.5
     weight_norm = safe_norm(weight)  # (..., out, 1)
     shift = (2.0 * sqrt_c * offset).clamp(-SINH_MAX, SINH_MAX).unsqueeze(-1)  # 2√c·r_k, (..., out, 1)
     space_rows = sqrt_c * torch.cosh(shift) * weight / weight_norm  # (..., out, in)
     time_column = -sqrt_c * torch.sinh(shift).squeeze(-1)  # (..., out)
-    argument = lorentz.linear(x_space, space_rows, time_column, torch.zeros_like(time_column), curvature, linear_fn)
+    argument = lorentz.columns_linear(columns, space_rows, time_column, torch.zeros_like(time_column), linear_fn)
     return argument, 2.0 * per_expert(weight_norm.squeeze(-1))
 
 
@@ -133,7 +134,8 @@ def hyperplane_distance(
 
     weight (out, in) holds the z_k as rows, offset (out,) the r_k; returns (..., out).
     """
-    argument, scale = _hyperplane_asinh_terms(x_space, weight, offset, curvature, F.linear, identity)
+    columns = lorentz.time_columns(x_space, curvature)
+    argument, scale = _hyperplane_asinh_terms(columns, weight, offset, curvature, F.linear, identity)
     return scale * torch.asinh(argument) / curvature**0.5
 
 
@@ -151,7 +153,19 @@ def fc_lifted(
     For the (E, out, in) weights and (E, out) offsets of many experts, `linear_fn` is an expert
     layout's linear and `per_expert` broadcasts (E, out) values to its rows.
     """
-    argument, scale = _hyperplane_asinh_terms(x_space, weight, offset, curvature, linear_fn, per_expert)
+    return fc_lifted_columns(lorentz.time_columns(x_space, curvature), weight, offset, curvature, linear_fn, per_expert)
+
+
+def fc_lifted_columns(
+    columns: torch.Tensor,
+    weight: torch.Tensor,
+    offset: torch.Tensor,
+    curvature: Curvature,
+    linear_fn=F.linear,
+    per_expert=identity,
+) -> torch.Tensor:
+    """`fc_lifted` on the input's `lorentz.time_columns` (which an expert layout may form per token)."""
+    argument, scale = _hyperplane_asinh_terms(columns, weight, offset, curvature, linear_fn, per_expert)
     return _SinhOfScaledAsinh.apply(argument, scale) / curvature**0.5
 
 
