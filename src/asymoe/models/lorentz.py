@@ -239,3 +239,60 @@ class _TimeColumns(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_c = (-grad_time.sum() / (2.0 * curvature.square())).reshape(curvature.shape)
         return grad_x, grad_c
+
+
+def swiglu_time_columns(gate_up: torch.Tensor, curvature: torch.Tensor) -> torch.Tensor:
+    """`time_columns` of clip_radius(silu(gate) ⊙ up) for gate_up = [gate; up] (..., 2f), in one pass of its own."""
+    limit = torch.as_tensor(RADIUS_MAX / curvature**0.5, dtype=gate_up.dtype, device=gate_up.device)
+    return _SwiGLUColumns.apply(gate_up, curvature.to(gate_up.dtype), limit.detach())
+
+
+class _SwiGLUColumns(torch.autograd.Function):
+    """[z; z_t; 1; 0 …] for z = s·min(1, limit/‖s‖), s = silu(gate) ⊙ up, z_t = sqrt(1/c + ‖z‖²).
+
+    Backward: ∂/∂z = g_z + (g_t/z_t)·z; through the clip the identity where a row is not clipped
+    and (limit/‖s‖)·(g − s·(s·g)/‖s‖²) where it is; ∂/∂c = −Σ g_t/(2c²·z_t); then SiLU-gated
+    unit's backward (as `experts._SwiGLU`, silu(gate) recomputed).
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor, curvature: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        width = gate.shape[-1]
+        columns = gate_up.new_empty(*gate_up.shape[:-1], augmented_width(width, gate_up.element_size()))
+        inner = columns[..., :width]
+        torch.mul(F.silu(gate), up, out=inner)
+        norm = safe_norm(inner)  # (..., 1)
+        clipped = limit < norm
+        # As clip_radius: on CPU a clipped row is looked for once; elsewhere every row is scaled.
+        ctx.none_clipped = gate_up.device.type == "cpu" and not bool(clipped.any())
+        scale = None if ctx.none_clipped else (limit / norm).clamp(max=1.0)
+        if scale is not None:
+            inner.mul_(scale)
+            norm = norm * scale
+        x_time = torch.sqrt(1.0 / curvature + norm.square())
+        columns[..., width : width + 1] = x_time
+        columns[..., width + 1] = 1.0
+        columns[..., width + 2 :] = 0.0
+        ctx.save_for_backward(gate_up, columns, x_time, norm, scale, clipped, curvature)
+        return columns
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate_up, columns, x_time, norm, scale, clipped, curvature = ctx.saved_tensors
+        width = gate_up.shape[-1] // 2
+        inner = columns[..., :width]
+        grad_time = grad[..., width : width + 1] / x_time  # (..., 1)
+        grad_inner = torch.addcmul(grad[..., :width], inner, grad_time)  # ∂/∂z
+        if scale is not None:  # through the clip; with s = z/scale, s·(s·g)/‖s‖² = z·(z·g)/‖z‖² (norm = ‖z‖)
+            radial = (inner * grad_inner).sum(-1, keepdim=True) / norm.square()
+            grad_inner = torch.where(clipped, scale * (grad_inner - inner * radial), grad_inner)
+        grad_c = None
+        if ctx.needs_input_grad[1]:
+            grad_c = (-grad_time.sum() / (2.0 * curvature.square())).reshape(curvature.shape)
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(grad_inner * up, gate, grad_input=grad_gate)
+        torch.mul(grad_inner, F.silu(gate), out=grad_up)
+        return grad_gate_up, grad_c, None
