@@ -10,7 +10,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(2)
+# Under pytest-xdist (pyproject.toml: 2 workers) one thread per worker: two workers of 2 threads each
+# on 2 cores spent twice the CPU time (OpenMP threads spinning for a core) and ran slower than one.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
@@ -42,3 +44,13 @@ TINY = [
 @pytest.fixture
 def tiny_overrides(tmp_path) -> list[str]:
     return TINY + [f"output_dir={tmp_path / 'run'}"]
+
+
+# The longest test files (minutes of child processes on 2 cores) start first, so that the two xdist
+# workers (pyproject.toml) finish together instead of one running a long file at the end alone.
+LONGEST_FIRST = ("test_faults.py", "test_grid.py", "test_distributed.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
