@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN, SiLUActivation
+from transformers.activations import ACT2FN
 
 from asymoe.models.dispatch import ExpertLayout, ExpertRows, make_layout
+from asymoe.models.gating import gated_unit
 
 if TYPE_CHECKING:
     from asymoe.models.moe import TokenMeta
@@ -37,44 +38,6 @@ def gated_ffn(
     weights (E, 2f, in), (E, d, f) of all experts at once.
     """
     return linear(gated_unit(linear(tokens, gate_up_proj), act_fn), down_proj)  # (n, 2f) -> (n, f) -> (n, d)
-
-
-def is_silu(act_fn) -> bool:
-    """Whether act_fn is SiLU (the gated units with a hand-written backward)."""
-    return act_fn is F.silu or isinstance(act_fn, (nn.SiLU, SiLUActivation))
-
-
-def gated_unit(gate_up: torch.Tensor, act_fn) -> torch.Tensor:
-    """act(gate) ⊙ up for gate_up = [gate; up] (..., 2f) -> (..., f); SiLU through `_SwiGLU`."""
-    if is_silu(act_fn):
-        return _SwiGLU.apply(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return act_fn(gate) * up
-
-
-class _SwiGLU(torch.autograd.Function):
-    """silu(gate) ⊙ up with a hand-written backward.
-
-    Autograd would keep silu(gate) alive for the backward and assemble the (..., 2f) input
-    gradient by concatenating its two halves; here the backward recomputes silu(gate) and writes
-    both halves straight into one gradient tensor (aten's fused silu_backward for the gate half).
-    """
-
-    @staticmethod
-    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        ctx.save_for_backward(gate_up)
-        return F.silu(gate).mul_(up)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (gate_up,) = ctx.saved_tensors
-        gate, up = gate_up.chunk(2, dim=-1)
-        grad_gate_up = torch.empty_like(gate_up)
-        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
-        torch.mul(grad, F.silu(gate), out=grad_up)
-        return grad_gate_up
 
 
 class ExpertGroup(nn.Module):

@@ -40,7 +40,8 @@ from transformers.activations import ACT2FN
 from asymoe.config import GeometryLossConfig
 from asymoe.models import lorentz, poincare
 from asymoe.models.dispatch import ExpertLayout, ExpertRows
-from asymoe.models.experts import ExpertGroup, gated_unit, is_silu
+from asymoe.models.experts import ExpertGroup
+from asymoe.models.gating import gated_unit, is_silu
 
 if TYPE_CHECKING:
     from asymoe.models.moe import TokenMeta
@@ -273,7 +274,7 @@ class HyperbolicExperts(ExpertGroup):
         return output.to(tokens.dtype)  # (layout, d)
 
     def matmul_widths(self) -> tuple[int, ...]:
-        # Inputs [x_s; x_t; 1], zero-padded (lorentz.linear, also under poincare.fc_lifted); float32.
+        # Inputs [x_s; x_t; 1], zero-padded (lorentz.time_columns of both layers); float32.
         inputs = lorentz.augmented_width(self.hidden_size), lorentz.augmented_width(self.intermediate_size)
         return (*inputs, 2 * self.intermediate_size, self.hidden_size)
 

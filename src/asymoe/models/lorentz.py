@@ -35,6 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from asymoe.models.gating import swiglu_backward
 from asymoe.models.radial import radial_map
 
 SINH_MAX = math.asinh(2.0**15)  # MERU: sinh/cosh inputs stay below this
@@ -55,7 +56,12 @@ def safe_norm(x: torch.Tensor, keepdim: bool = True) -> torch.Tensor:
 
 def time(x_space: torch.Tensor, curvature: Curvature) -> torch.Tensor:
     """x_t = sqrt(1/c + ‖x_s‖²), shape (..., 1)."""
-    return torch.sqrt(1.0 / curvature + torch.linalg.vector_norm(x_space, dim=-1, keepdim=True).square())
+    return time_of_norm(torch.linalg.vector_norm(x_space, dim=-1, keepdim=True), curvature)
+
+
+def time_of_norm(space_norm: torch.Tensor, curvature: Curvature) -> torch.Tensor:
+    """x_t = sqrt(1/c + ‖x_s‖²) from ‖x_s‖, for a caller that has the norm already."""
+    return torch.sqrt(1.0 / curvature + space_norm.square())
 
 
 def inner(x_space: torch.Tensor, y_space: torch.Tensor, curvature: Curvature) -> torch.Tensor:
@@ -112,10 +118,7 @@ class _ClipRadius(torch.autograd.Function):
         scale = (limit / norm).clamp(max=1.0)
         clipped = limit < norm  # (..., 1)
         ctx.save_for_backward(x_space, norm, scale, clipped)
-        # On CPU a clipped row is looked for (a host read costs nothing there) and, without one, the
-        # input is returned as it is and the backward is the identity; elsewhere every row is scaled
-        # and the correction masked, so that nothing synchronises.
-        ctx.none_clipped = x_space.device.type == "cpu" and not bool(clipped.any())
+        ctx.none_clipped = _none_clipped(clipped)
         return x_space.view_as(x_space) if ctx.none_clipped else x_space * scale
 
     @staticmethod
@@ -123,9 +126,25 @@ class _ClipRadius(torch.autograd.Function):
         if ctx.none_clipped:
             return grad, None
         x_space, norm, scale, clipped = ctx.saved_tensors
-        radial = (x_space * grad).sum(-1, keepdim=True) / norm.square()
-        correction = torch.where(clipped, scale * (grad - x_space * radial), grad)
-        return correction, None
+        return _clip_gradient(grad, x_space, norm, scale, clipped), None
+
+
+def _none_clipped(clipped: torch.Tensor) -> bool:
+    """Whether a radius clip may skip its work: on CPU a clipped row is looked for (a host read costs
+    nothing there) and, without one, the clip is the identity in value and gradient; elsewhere
+    (False) every row is scaled and the correction masked, so that nothing synchronises."""
+    return clipped.device.type == "cpu" and not bool(clipped.any())
+
+
+def _clip_gradient(
+    grad: torch.Tensor, point: torch.Tensor, norm: torch.Tensor, scale: torch.Tensor, clipped: torch.Tensor
+) -> torch.Tensor:
+    """∂/∂x of x·min(1, limit/‖x‖): (limit/‖x‖)·(g − x·(x·g)/‖x‖²) on clipped rows, g elsewhere.
+
+    `point` may be x or its clipped image (the same direction) with `norm` its norm; scale = min(1, limit/‖x‖).
+    """
+    radial = (point * grad).sum(-1, keepdim=True) / norm.square()
+    return torch.where(clipped, scale * (grad - point * radial), grad)
 
 
 def clip_radius(x_space: torch.Tensor, curvature: Curvature) -> torch.Tensor:
@@ -252,7 +271,7 @@ class _SwiGLUColumns(torch.autograd.Function):
 
     Backward: ∂/∂z = g_z + (g_t/z_t)·z; through the clip the identity where a row is not clipped
     and (limit/‖s‖)·(g − s·(s·g)/‖s‖²) where it is; ∂/∂c = −Σ g_t/(2c²·z_t); then SiLU-gated
-    unit's backward (as `experts._SwiGLU`, silu(gate) recomputed).
+    unit's backward (`gating.swiglu_backward`).
     """
 
     @staticmethod
@@ -264,13 +283,11 @@ class _SwiGLUColumns(torch.autograd.Function):
         torch.mul(F.silu(gate), up, out=inner)
         norm = safe_norm(inner)  # (..., 1)
         clipped = limit < norm
-        # As clip_radius: on CPU a clipped row is looked for once; elsewhere every row is scaled.
-        ctx.none_clipped = gate_up.device.type == "cpu" and not bool(clipped.any())
-        scale = None if ctx.none_clipped else (limit / norm).clamp(max=1.0)
+        scale = None if _none_clipped(clipped) else (limit / norm).clamp(max=1.0)
         if scale is not None:
             inner.mul_(scale)
             norm = norm * scale
-        x_time = torch.sqrt(1.0 / curvature + norm.square())
+        x_time = time_of_norm(norm, curvature)
         columns[..., width : width + 1] = x_time
         columns[..., width + 1] = 1.0
         columns[..., width + 2 :] = 0.0
@@ -284,15 +301,9 @@ class _SwiGLUColumns(torch.autograd.Function):
         inner = columns[..., :width]
         grad_time = grad[..., width : width + 1] / x_time  # (..., 1)
         grad_inner = torch.addcmul(grad[..., :width], inner, grad_time)  # ∂/∂z
-        if scale is not None:  # through the clip; with s = z/scale, s·(s·g)/‖s‖² = z·(z·g)/‖z‖² (norm = ‖z‖)
-            radial = (inner * grad_inner).sum(-1, keepdim=True) / norm.square()
-            grad_inner = torch.where(clipped, scale * (grad_inner - inner * radial), grad_inner)
+        if scale is not None:  # through the clip, from the clipped image z (norm = ‖z‖)
+            grad_inner = _clip_gradient(grad_inner, inner, norm, scale, clipped)
         grad_c = None
         if ctx.needs_input_grad[1]:
             grad_c = (-grad_time.sum() / (2.0 * curvature.square())).reshape(curvature.shape)
-        gate, up = gate_up.chunk(2, dim=-1)
-        grad_gate_up = torch.empty_like(gate_up)
-        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
-        torch.ops.aten.silu_backward.grad_input(grad_inner * up, gate, grad_input=grad_gate)
-        torch.mul(grad_inner, F.silu(gate), out=grad_up)
-        return grad_gate_up, grad_c, None
+        return swiglu_backward(grad_inner, gate_up), grad_c, None
