@@ -81,13 +81,13 @@ def test_layouts_equal_the_loop(kernel, case):
         a = dispatch.sort_assignments(expert_index, weight, mask, experts, sync_free=bool(sync))
         rows = dispatch.group_rows(a, 0, experts)
         layout = dispatch.make_layout(kernel_name, rows)
-        if fused:  # tokens straight into the layout and back (the padded layout's one-gather path)
+        if fused:  # tokens straight into the layout and back; the weights scale the down projection's input
             gate, up = layout.linear(layout.gather(x), gate_up).chunk(2, dim=-1)
-            return layout.combine(layout.linear(F.silu(gate) * up, down), x.dtype)
+            return layout.combine(layout.linear(F.silu(gate) * up * layout.row_weight(), down), x.dtype)
         routed = layout.pack(dispatch.to_rows(x, rows))
         gate, up = layout.linear(routed, gate_up).chunk(2, dim=-1)
-        y = layout.unpack(layout.linear(F.silu(gate) * up, down))
-        return dispatch.combine(rows, y, x.dtype)
+        y = layout.unpack(layout.linear(F.silu(gate) * up, down))  # (rows, d)
+        return dispatch.combine(rows, y * rows.weight.unsqueeze(-1), x.dtype)
 
     expected, expected_grads = run(lambda: loop_reference(x, gate_up, down, expert_index, weight, mask))
     for fused in (False, True):
@@ -145,9 +145,13 @@ def moe_config(name: str, backend: str) -> MoEConfig:
 
 
 def build_block(name: str, backend: str) -> MoEBlock:
+    """`name` as in `moe_config`; a `_wide` suffix gives experts wider than the model (f = 2d), whose
+    routing weights scale the outputs rather than the down projection's input."""
+    width = 2 * HIDDEN if name.endswith("_wide") else WIDTH
+    name = name.removesuffix("_wide")
     config = moe_config(name, backend)
     torch.manual_seed(0)
-    groups = {g: make_group(g, config, HIDDEN, WIDTH, "silu") for g in ("vision", "shared", "language")}
+    groups = {g: make_group(g, config, HIDDEN, width, "silu") for g in ("vision", "shared", "language")}
     block = MoEBlock(0, HIDDEN, groups, config, MoEState())
     if name == "vanilla":
         with torch.no_grad():
@@ -212,8 +216,9 @@ def run_backend(name: str, backend: str, meta: TokenMeta, monkeypatch, checkpoin
         ("asymoe_lorentz", True),
         ("asymoe_poincare", False),
         ("evidence", False),
+        ("evidence_wide", False),
     ],
-    ids=["vanilla", "asymoe_lorentz", "asymoe_lorentz_text_only", "asymoe_poincare", "evidence"],
+    ids=["vanilla", "asymoe_lorentz", "asymoe_lorentz_text_only", "asymoe_poincare", "evidence", "evidence_wide"],
 )
 def test_block_backends_equal_eager(name, text_only, monkeypatch):
     meta = token_meta(text_only)
@@ -262,6 +267,25 @@ def test_auto_runs_a_poincare_group_eagerly_on_cpu_and_the_others_grouped(monkey
     monkeypatch.setattr(group_class, "dispatch", lambda *a, **k: calls.append(1) or eager_dispatch(*a, **k))
     assert_same_run(run_block(block, meta), run_block(build_block("asymoe_poincare", "eager"), meta))
     assert len(calls) == 2  # the auto block's and the eager block's Poincaré group, each once
+
+
+@pytest.mark.parametrize("width", [8, 32], ids=["narrow", "wide"])
+def test_gated_ffn_scale_multiplies_the_output(width):
+    """scale enters the gated unit (f < d) or the output (f ≥ d): either way w · FFN(x), in value and gradient."""
+    from asymoe.models.experts import gated_ffn
+
+    torch.manual_seed(0)
+    x = torch.randn(9, 16, dtype=torch.float64)
+    gate_up = torch.randn(2 * width, 16, dtype=torch.float64)
+    down = torch.randn(16, width, dtype=torch.float64)
+    scale = torch.rand(9, 1, dtype=torch.float64, requires_grad=True)
+    got = gated_ffn(x, gate_up, down, F.silu, scale=scale)
+    expected = gated_ffn(x, gate_up, down, F.silu) * scale
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(got)
+    (got_grad,) = torch.autograd.grad(got, scale, grad)
+    (expected_grad,) = torch.autograd.grad(expected, scale, grad)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-12, atol=1e-12)
 
 
 def test_swiglu_hand_written_backward_equals_autograd():

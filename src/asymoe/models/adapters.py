@@ -234,7 +234,12 @@ class PlainFFNExperts(ExpertGroup):
         return nn.functional.linear(inner, self.down_proj[expert], self.down_bias[expert])  # (n, d)
 
     def forward_grouped(
-        self, tokens: torch.Tensor, rows: ExpertRows, layout: ExpertLayout, extras: dict[str, torch.Tensor]
+        self,
+        tokens: torch.Tensor,
+        rows: ExpertRows,
+        layout: ExpertLayout,
+        extras: dict[str, torch.Tensor],
+        row_weight: torch.Tensor,
     ) -> torch.Tensor:
         inner = self.act_fn(layout.linear(layout.gather(tokens), self.up_proj, self.up_bias))  # (layout, f)
-        return layout.linear(inner, self.down_proj, self.down_bias)  # (layout, d)
+        return layout.linear(inner, self.down_proj, self.down_bias) * row_weight.to(inner.dtype)  # (layout, d)

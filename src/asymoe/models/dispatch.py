@@ -15,10 +15,13 @@ tokens separately. Here instead:
      `torch.bmm` per weight tensor multiplies every expert's block (zero rows are wasted work);
    - `segment`: rows stay sorted; the matrix multiplies run per contiguous expert segment (a
      Python loop over experts, but a single gather and scatter, unlike eager).
-4. `combine`: out[t] = Σ_rows w_row · y_row, one (1 × slots)·(slots × d) product per token
-   (`weighted_sum`). Tokens reach their rows (`to_rows`) and rows their
-   tokens (`combine`) by gathers through the (token, slot) positions, forward and backward: no
-   index_add_, which is several times slower than a gather on CPU and non-deterministic on CUDA.
+4. Routing weights enter the experts (`ExpertLayout.row_weight`): a group multiplies its outputs
+   by them, or, where its last layer is linear and narrower at its input (fine-grained gated
+   experts, f < d), that layer's input: w·W·h = W·(w·h).
+   `combine` then sums each token's rows unweighted: forward a gather to the (token, slot)
+   positions and a sum over slots, backward one gather of the token gradients to the rows. Tokens
+   reach their rows (`to_rows`) and rows their tokens (`combine`) by gathers, forward and backward:
+   no index_add_, which is several times slower than a gather on CPU and non-deterministic on CUDA.
 
 Host synchronisation. `sync_free=True` keeps every size on the device: a group's run is read
 through a fixed-size window of all assignments (rows past the group's count are padding that
@@ -187,9 +190,9 @@ class ExpertRows:
         return Route.of(self.row_of_position, self.position.shape[0], self.sync_free)
 
     @cached_property
-    def row_route(self) -> Route:
-        """(token, slot) positions -> rows; padding rows (sync-free) read zeros."""
-        return Route.of(self.position, self.row_of_position.shape[0], self.sync_free)
+    def token_gradient_route(self) -> Route:
+        """tokens -> rows for the gradient of `combine`: padding rows (sync-free) read zeros."""
+        return Route(self.token_index, None if self.valid is None else ~self.valid.squeeze(-1))
 
 
 def _rows(assignments: Assignments, window, num_experts: int, first_expert: int, valid, counts, ends) -> ExpertRows:
@@ -314,26 +317,32 @@ def to_rows(tokens: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
     return _TokenGather.apply(flat, rows.token_route, rows.position_route, rows.slots).view(-1, *tokens.shape[1:])
 
 
-def weighted_sum(values: torch.Tensor, weight: torch.Tensor, slots: int) -> torch.Tensor:
-    """out[t] = Σ_s weight[t, s] · values[t, s] for values (tokens·slots, d), weight (tokens·slots,) -> (tokens, d).
+class _SumAtPositions(torch.autograd.Function):
+    """out[t] = Σ_s values[row(t, s)]: a gather to the (tokens·slots, d) positions, summed over slots.
 
-    One batched (1 × slots)·(slots × d) product per token, in the values' dtype with autocast off:
-    forward and backward are each one pass over the values, where a product followed by a sum is
-    two forward and three backward (measured 2x faster on CPU at 16k × 256).
+    `to_positions` reads, for every position, its row (zeros for a position without one);
+    `from_tokens` reads, for every row, its token. A row's gradient is its token's output gradient:
+    one gather, where a weighted sum's backward took a gather through the positions and a batched
+    outer product with the weights.
     """
-    with torch.autocast(device_type=values.device.type, enabled=False):
-        per_token = values.view(-1, slots, values.shape[-1])  # (tokens, slots, d)
-        return torch.bmm(weight.to(values.dtype).view(-1, 1, slots), per_token).squeeze(1)
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, to_positions: Route, from_tokens: Route, slots: int) -> torch.Tensor:
+        ctx.from_tokens = from_tokens
+        return _gather(values, to_positions).view(-1, slots, values.shape[-1]).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _gather(grad, ctx.from_tokens), None, None, None
 
 
 def combine(rows: ExpertRows, outputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """out[t] = Σ over rows r of token t of weight_r · outputs_r; outputs (N, d) -> (tokens, d).
+    """out[t] = Σ over rows r of token t of outputs_r, for outputs (N, d) that carry their routing
+    weight (`ExpertLayout.row_weight`) -> (tokens, d).
 
     Tokens without rows get exact zeros; a token's rows are summed in its slot order.
     """
-    at_positions = _InjectiveGather.apply(outputs.to(dtype), rows.position_route, rows.row_route)  # (tokens·slots, d)
-    weight = _InjectiveGather.apply(rows.weight, rows.position_route, rows.row_route)  # (tokens·slots,)
-    return weighted_sum(at_positions, weight, rows.slots)
+    return _SumAtPositions.apply(outputs.to(dtype), rows.position_route, rows.token_gradient_route, rows.slots)
 
 
 def row_values(rows: ExpertRows, per_token_expert: torch.Tensor) -> torch.Tensor:
@@ -356,9 +365,10 @@ class ExpertLayout:
     """Rows of one group arranged for a kernel; `linear` applies per-expert weights to all rows.
 
     `gather` brings per-token tensors (T, ·) into the layout and `combine` sums the layout's
-    outputs back into tokens with the routing weights; `pack` / `unpack` do the same for per-row
-    tensors (N, ·). Element-wise and row-wise functions (activations, norms, hyperbolic maps) act
-    on the layout directly. `per_expert(values)` broadcasts a per-expert tensor (E, ...) against it.
+    outputs back into tokens (outputs already scaled by `row_weight`, the routing weights in the
+    layout); `pack` / `unpack` do the same for per-row tensors (N, ·). Element-wise and row-wise
+    functions (activations, norms, hyperbolic maps) act on the layout directly.
+    `per_expert(values)` broadcasts a per-expert tensor (E, ...) against it.
     """
 
     def __init__(self, rows: ExpertRows):
@@ -375,8 +385,12 @@ class ExpertLayout:
         return self.pack(to_rows(tokens, self.rows))
 
     def combine(self, outputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The layout's outputs -> (T, d): each token's routing-weighted sum over its rows."""
+        """The layout's routing-weighted outputs -> (T, d): each token's sum over its rows."""
         return combine(self.rows, self.unpack(outputs), dtype)
+
+    def row_weight(self) -> torch.Tensor:
+        """Each row's routing weight against the layout's rows, (N, 1); 0 on padding rows."""
+        return self.rows.weight.unsqueeze(-1)
 
     def per_expert(self, values: torch.Tensor) -> torch.Tensor:
         """(E, ...) -> (N, ...): each row's expert's entry."""
@@ -429,6 +443,7 @@ class PaddedLayout(ExpertLayout):
 
     Tokens go straight into their slots and slot outputs straight back to (token, slot) positions
     (`gather`, `combine`): one gather each way, forward and backward, not two through the rows.
+    Empty slots read token zeros (`token_route`), so they also take no gradient in `combine`.
     """
 
     def __init__(self, rows: ExpertRows):
@@ -443,7 +458,6 @@ class PaddedLayout(ExpertLayout):
         slot_row = slot.new_full((num_slots,), num_rows)
         slot_row[slot] = row
         num_positions = rows.row_of_position.shape[0]
-        slot_position = torch.cat([rows.position, rows.position.new_full((1,), num_positions)])[slot_row]
         num_tokens = num_positions // rows.slots
         slot_token = torch.cat([rows.token_index, rows.token_index.new_full((1,), num_tokens)])[slot_row]
         position_slot = torch.cat([slot, slot.new_full((1,), num_slots)])[rows.row_of_position]
@@ -451,7 +465,6 @@ class PaddedLayout(ExpertLayout):
         self.row_route = Route(slot, None)  # slots -> rows
         self.token_route = Route.of(slot_token, num_tokens, False)  # tokens -> slots
         self.position_route = Route.of(position_slot, num_slots, False)  # slots -> (token, slot) positions
-        self.inverse_position_route = Route.of(slot_position, num_positions, False)  # positions -> slots
         self.slot_weight = torch.cat([rows.weight, rows.weight.new_zeros(1)])[slot_row]  # (E·C,), 0 on empty slots
 
     def _blocks(self, flat: torch.Tensor) -> torch.Tensor:
@@ -473,9 +486,10 @@ class PaddedLayout(ExpertLayout):
 
     def combine(self, outputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         flat = outputs.reshape(-1, outputs.shape[-1]).to(dtype)  # (E·C, d)
-        at_positions = _InjectiveGather.apply(flat, self.position_route, self.inverse_position_route)
-        weight = _InjectiveGather.apply(self.slot_weight, self.position_route, self.inverse_position_route)
-        return weighted_sum(at_positions, weight, self.rows.slots)
+        return _SumAtPositions.apply(flat, self.position_route, self.token_route, self.rows.slots)
+
+    def row_weight(self) -> torch.Tensor:
+        return self._blocks(self.slot_weight).unsqueeze(-1)  # (E, C, 1), 0 on empty slots
 
     def per_expert(self, values: torch.Tensor) -> torch.Tensor:
         return values.unsqueeze(1)  # (E, 1, ...)

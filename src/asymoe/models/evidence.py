@@ -272,22 +272,33 @@ class EvidenceExperts(FFNExperts):
         return self._mix(tokens, extras["context"], alpha, F.linear, lambda weight: weight[expert])
 
     def forward_grouped(
-        self, tokens: torch.Tensor, rows: ExpertRows, layout: ExpertLayout, extras: dict[str, torch.Tensor]
+        self,
+        tokens: torch.Tensor,
+        rows: ExpertRows,
+        layout: ExpertLayout,
+        extras: dict[str, torch.Tensor],
+        row_weight: torch.Tensor,
     ) -> torch.Tensor:
         # The cross-attention context was computed once per layer, in `prepare`; rows only gather it.
         alpha = row_values(rows, extras["alpha"]).unsqueeze(-1)  # (N, 1): the gate of each row's expert
         routed, context = layout.gather(tokens), layout.gather(extras["context"])
-        return self._mix(routed, context, layout.pack(alpha), layout.linear, lambda w: w)
+        return self._mix(routed, context, layout.pack(alpha), layout.linear, lambda w: w, row_weight)
 
-    def _mix(self, tokens, context, alpha, linear, select) -> torch.Tensor:
-        """α·F_mem + (1 − α)·F_evd (Eqs. 7-9) for tokens and context (..., d), gate α (..., 1).
+    def _mix(self, tokens, context, alpha, linear, select, row_weight=None) -> torch.Tensor:
+        """w·(α·F_mem + (1 − α)·F_evd) (Eqs. 7-9) for tokens and context (..., d), gate α (..., 1)
+        and routing weight w (..., 1) (default 1).
 
-        `select` picks the weights of the experts at hand from each 3-D tensor and `linear`
-        applies them (one expert: indexing and F.linear; all: identity and a layout's linear).
+        Both branches end in a bias-free linear layer, so w·α and w·(1 − α) enter as `gated_ffn`'s
+        scale (on the narrower of its unit and its output). `select` picks the weights of the
+        experts at hand from each 3-D tensor and `linear` applies them (one expert: indexing and
+        F.linear; all: identity and a layout's linear).
         """
-        memory = gated_ffn(tokens, select(self.gate_up_proj), select(self.down_proj), self.act_fn, linear)
+        memory_scale, evidence_scale = alpha, 1 - alpha
+        if row_weight is not None:
+            row_weight = row_weight.to(alpha.dtype)
+            memory_scale, evidence_scale = memory_scale * row_weight, evidence_scale * row_weight
+        memory_weights = select(self.gate_up_proj), select(self.down_proj)
+        memory = gated_ffn(tokens, *memory_weights, self.act_fn, linear, memory_scale)
         joint = torch.cat([tokens, context.to(tokens.dtype)], dim=-1)  # (..., 2d)
         evidence_weights = select(self.evidence_gate_up_proj), select(self.evidence_down_proj)
-        evidence = gated_ffn(joint, *evidence_weights, self.act_fn, linear)
-        alpha = alpha.to(memory.dtype)
-        return alpha * memory + (1 - alpha) * evidence
+        return memory + gated_ffn(joint, *evidence_weights, self.act_fn, linear, evidence_scale)

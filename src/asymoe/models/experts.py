@@ -10,7 +10,8 @@ down_proj (E, d, f), applied with F.linear, so weights copy across without trans
 `ExpertGroup.dispatch` is the eager reference path: one gather, expert call and scatter-add per
 expert. `dispatch_grouped` is the fast one (`model.moe.experts_backend`, asymoe.models.dispatch):
 the block sorts its assignments once, and `forward_grouped` runs all experts of the group at once
-through an expert layout, giving each token the same weighted sum.
+through an expert layout, its outputs scaled by their routing weights (fine-grained gated experts
+fold them into the down projection's input), giving each token the same weighted sum.
 """
 
 from __future__ import annotations
@@ -30,14 +31,27 @@ if TYPE_CHECKING:
 
 
 def gated_ffn(
-    tokens: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn, linear=F.linear
+    tokens: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    act_fn,
+    linear=F.linear,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """down · (act(gate · x) ⊙ (up · x)) with gate_up_proj (2f, in) and down_proj (d, f).
+    """down · (s ⊙ act(gate · x) ⊙ (up · x)) with gate_up_proj (2f, in) and down_proj (d, f).
 
     `linear` applies a weight: F.linear for one expert, or an `ExpertLayout.linear` for the
-    weights (E, 2f, in), (E, d, f) of all experts at once.
+    weights (E, 2f, in), (E, d, f) of all experts at once. `scale` (n, 1) (default 1) multiplies the
+    output; down being linear and bias-free, it multiplies the gated unit instead where f < d (the
+    fine-grained experts), so that it meets the narrower of the two.
     """
-    return linear(gated_unit(linear(tokens, gate_up_proj), act_fn), down_proj)  # (n, 2f) -> (n, f) -> (n, d)
+    hidden = gated_unit(linear(tokens, gate_up_proj), act_fn)  # (n, 2f) -> (n, f)
+    if scale is None:
+        return linear(hidden, down_proj)  # (n, d)
+    scale = scale.to(hidden.dtype)
+    if hidden.shape[-1] < down_proj.shape[-2]:
+        return linear(hidden * scale, down_proj)
+    return linear(hidden, down_proj) * scale
 
 
 class ExpertGroup(nn.Module):
@@ -97,11 +111,17 @@ class ExpertGroup(nn.Module):
         raise NotImplementedError(type(self).__name__)
 
     def forward_grouped(
-        self, tokens: torch.Tensor, rows: ExpertRows, layout: ExpertLayout, extras: dict[str, torch.Tensor]
+        self,
+        tokens: torch.Tensor,
+        rows: ExpertRows,
+        layout: ExpertLayout,
+        extras: dict[str, torch.Tensor],
+        row_weight: torch.Tensor,
     ) -> torch.Tensor:
-        """Outputs of all the group's rows at once, in `layout` (its `combine` sums them into tokens):
-        row r is expert rows.local_expert[r] on token rows.token_index[r]; tokens (T, d) and extras
-        (T, ...) are per token and enter the layout through `layout.gather`."""
+        """Outputs of all the group's rows at once, times their routing weights, in `layout` (its
+        `combine` sums them into tokens): row r is rows.weight[r] · expert rows.local_expert[r] on
+        token rows.token_index[r]; tokens (T, d) and extras (T, ...) are per token and enter the
+        layout through `layout.gather`; row_weight is `layout.row_weight()`."""
         raise NotImplementedError(type(self).__name__)
 
     def dispatch_grouped(
@@ -109,7 +129,7 @@ class ExpertGroup(nn.Module):
     ) -> torch.Tensor:
         """The sum of `dispatch` for rows sorted by expert (asymoe.models.dispatch), (T, d)."""
         layout = make_layout(kernel, rows)
-        return layout.combine(self.forward_grouped(tokens, rows, layout, extras), tokens.dtype)
+        return layout.combine(self.forward_grouped(tokens, rows, layout, extras, layout.row_weight()), tokens.dtype)
 
     def matmul_widths(self) -> tuple[int, ...]:
         """Input and output widths of the experts' weight multiplies (a kernel's stride rules)."""
@@ -178,6 +198,12 @@ class FFNExperts(ExpertGroup):
         return gated_ffn(tokens, self.gate_up_proj[expert], self.down_proj[expert], self.act_fn)
 
     def forward_grouped(
-        self, tokens: torch.Tensor, rows: ExpertRows, layout: ExpertLayout, extras: dict[str, torch.Tensor]
+        self,
+        tokens: torch.Tensor,
+        rows: ExpertRows,
+        layout: ExpertLayout,
+        extras: dict[str, torch.Tensor],
+        row_weight: torch.Tensor,
     ) -> torch.Tensor:
-        return gated_ffn(layout.gather(tokens), self.gate_up_proj, self.down_proj, self.act_fn, layout.linear)
+        routed = layout.gather(tokens)
+        return gated_ffn(routed, self.gate_up_proj, self.down_proj, self.act_fn, layout.linear, row_weight)

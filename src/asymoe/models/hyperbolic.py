@@ -260,7 +260,12 @@ class HyperbolicExperts(ExpertGroup):
         return output.to(tokens.dtype)  # (n, d)
 
     def forward_grouped(
-        self, tokens: torch.Tensor, rows: ExpertRows, layout: ExpertLayout, extras: dict[str, torch.Tensor]
+        self,
+        tokens: torch.Tensor,
+        rows: ExpertRows,
+        layout: ExpertLayout,
+        extras: dict[str, torch.Tensor],
+        row_weight: torch.Tensor,
     ) -> torch.Tensor:
         # Statistics as in `dispatch`: token norms and how many of the group's rows each token has.
         reached = (rows.row_of_position < rows.position.shape[0]).view(tokens.shape[0], rows.slots).sum(-1)
@@ -271,7 +276,8 @@ class HyperbolicExperts(ExpertGroup):
             columns = layout.gather(lorentz.time_columns(point, kappa))  # and its time column, gathered to rows
             weights = {name: weight.float() for name, weight in self._expert_weights().items()}
             output = self._layers(columns, kappa, weights, layout.linear, layout.per_expert)
-        return output.to(tokens.dtype)  # (layout, d)
+            # The log map is not linear: the routing weight scales its output.
+            return (output * row_weight.float()).to(tokens.dtype)  # (layout, d)
 
     def matmul_widths(self) -> tuple[int, ...]:
         # Inputs [x_s; x_t; 1], zero-padded (lorentz.time_columns of both layers); float32.
