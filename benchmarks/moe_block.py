@@ -15,6 +15,10 @@ Contestants
 - group kinds at the same shape: a Lorentz and a Poincaré hyperbolic group and an evidence group
   against a Euclidean group with the same experts, each with the eager and the `auto` backend.
 
+Allocator. The process first has glibc keep freed memory (`machine.keep_freed_memory`; off with
+`--default-allocator`): by default the routed blocks page-fault on fresh mappings in every
+repetition, which a training step, whose allocator has settled, does not.
+
 FLOPs. Activated FLOPs = 3 × (forward FLOPs) for forward + backward; a gated FFN expert costs
 2·3·d·ffn per assignment (T·k assignments), so dense and MoE rows count the same FLOPs and the
 router is overhead. Hyperbolic experts count the same 3·d·ffn multiply-adds (their time columns
@@ -42,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from machine import cpu_model
+from machine import cpu_model, keep_freed_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {
@@ -292,6 +296,7 @@ def markdown(results: dict, meta: dict, device: str) -> str:
         f"{meta['load_after']} (other jobs shared the machine; contestants interleaved, medians)",
         f"- torch {meta['torch']}, transformers {meta['transformers']}, {meta['threads']} intra-op threads, "
         f"{meta['repeats']} timed repetitions after {meta['warmup']} warm-up, samples of {meta['seq']} positions",
+        f"- host memory allocator: {meta.get('allocator', 'the default')}",
         f"- command: `{meta['command']}` ({meta['date']})",
         "",
     ]
@@ -332,6 +337,9 @@ def main() -> None:
     parser.add_argument("--max-copy-gib", type=float, default=2.0, help="skip mixtral/batched_mm above this")
     parser.add_argument("--skip-kinds", action="store_true", help="Euclidean groups only")
     parser.add_argument("--shapes", type=int, default=None, help="only the first N shapes")
+    parser.add_argument(
+        "--default-allocator", action="store_true", help="leave glibc's malloc as is (machine.keep_freed_memory)"
+    )
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--render", action="store_true", help="rewrite the markdown from the JSON, measure nothing")
     args = parser.parse_args()
@@ -341,6 +349,7 @@ def main() -> None:
             write(entry["results"], entry["meta"], device)
         return
     torch.set_num_threads(args.threads)
+    allocator = "the platform's default" if args.default_allocator else keep_freed_memory()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda needs CUDA")
     device = torch.device(args.device)
@@ -361,6 +370,7 @@ def main() -> None:
         "torch": torch.__version__,
         "transformers": version("transformers"),
         "threads": args.threads,
+        "allocator": allocator,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "seq": args.seq,
