@@ -240,7 +240,7 @@ def test_block_backends_under_activation_checkpointing(monkeypatch):
 
 def test_grouped_and_auto_resolve_per_group():
     block = build_block("asymoe_lorentz", "grouped")
-    # The Lorentz layers' inputs [x_s; x_t; 1] are zero-padded to a 16-byte row: grouped_mm applies.
+    # The Lorentz layers' inputs [x_s; x_t; 1] are zero-padded to a 32-byte row: grouped_mm applies.
     expected = {"vision": "grouped_mm", "shared": "grouped_mm", "language": "grouped_mm"}
     assert block._kernels(torch.zeros(1, HIDDEN)) == expected
     # A width without a 16-byte stride (17 float32 columns) has no grouped_mm.

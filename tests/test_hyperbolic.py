@@ -498,9 +498,10 @@ def test_clip_radius_backward_equals_autograd_of_its_formula():
     assert not torch.allclose(mine.grad[[1, 4]], grad[[1, 4]])
 
 
-@pytest.mark.parametrize("kind", ["exp", "log", "log_clipped"])
+@pytest.mark.parametrize("kind", ["exp", "log", "log_clipped", "log_clipped_scaled"])
 def test_radial_maps_hand_written_backward_equals_autograd_of_the_formulas(kind):
-    """exp_o, log_o and log_o ∘ clip: values and gradients (input and curvature) in float64."""
+    """exp_o, log_o, log_o ∘ clip and s·log_o ∘ clip (per-row s): values and gradients (input,
+    curvature and s) in float64."""
     torch.manual_seed(0)
     curvature = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
     limit = lorentz.RADIUS_MAX / 0.7**0.5
@@ -510,6 +511,9 @@ def test_radial_maps_hand_written_backward_equals_autograd_of_the_formulas(kind)
     x[3] *= 3 * limit / x[3].norm()  # clipped (log) / past the sinh clamp (exp)
     x[4] *= 20.0 / x[4].norm()
     grad = torch.randn_like(x)
+    scaled = kind.endswith("_scaled")
+    kind = kind.removesuffix("_scaled")
+    scale = torch.rand(9, 1, dtype=torch.float64, requires_grad=True) if scaled else None
 
     def reference(v, c):
         sqrt_c = c**0.5
@@ -523,18 +527,22 @@ def test_radial_maps_hand_written_backward_equals_autograd_of_the_formulas(kind)
 
     mine_x, ref_x = x.clone().requires_grad_(), x.clone().requires_grad_()
     ref_c = curvature.detach().clone().requires_grad_()
+    ref_scale = scale.detach().clone().requires_grad_() if scaled else None
     if kind == "exp":
         out = lorentz.exp_map0(mine_x, curvature)
     else:
-        out = lorentz.log_map0(mine_x, curvature, clip=kind == "log_clipped")
-    expected = reference(ref_x, ref_c)
+        out = lorentz.log_map0(mine_x, curvature, clip=kind == "log_clipped", scale=scale)
+    expected = reference(ref_x, ref_c) * (ref_scale if scaled else 1.0)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     out.backward(grad)
     expected.backward(grad)
     torch.testing.assert_close(mine_x.grad, ref_x.grad, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(curvature.grad, ref_c.grad, rtol=1e-7, atol=1e-9)
     assert torch.isfinite(mine_x.grad).all()
-    torch.testing.assert_close(mine_x.grad[2], grad[2], rtol=1e-12, atol=0)  # φ → 1 at the origin
+    if scaled:
+        torch.testing.assert_close(scale.grad, ref_scale.grad, rtol=1e-10, atol=1e-12)
+    origin_slope = scale[2].detach() if scaled else 1.0
+    torch.testing.assert_close(mine_x.grad[2], origin_slope * grad[2], rtol=1e-12, atol=0)  # φ → 1 at the origin
 
 
 def test_clip_radius_returns_its_input_when_nothing_is_clipped():

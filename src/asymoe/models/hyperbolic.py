@@ -275,21 +275,21 @@ class HyperbolicExperts(ExpertGroup):
             point = self._to_manifold(tokens.float(), kappa)  # (T, d): the exp map once per token
             columns = layout.gather(lorentz.time_columns(point, kappa))  # and its time column, gathered to rows
             weights = {name: weight.float() for name, weight in self._expert_weights().items()}
-            output = self._layers(columns, kappa, weights, layout.linear, layout.per_expert)
-            # The log map is not linear: the routing weight scales its output.
-            return (output * row_weight.float()).to(tokens.dtype)  # (layout, d)
+            output = self._layers(columns, kappa, weights, layout.linear, layout.per_expert, row_weight.float())
+        return output.to(tokens.dtype)  # (layout, d)
 
     def matmul_widths(self) -> tuple[int, ...]:
         # Inputs [x_s; x_t; 1], zero-padded (lorentz.time_columns of both layers); float32.
         inputs = lorentz.augmented_width(self.hidden_size), lorentz.augmented_width(self.intermediate_size)
         return (*inputs, 2 * self.intermediate_size, self.hidden_size)
 
-    def _layers(self, columns, kappa, weights, linear_fn, per_expert) -> torch.Tensor:
+    def _layers(self, columns, kappa, weights, linear_fn, per_expert, row_weight=None) -> torch.Tensor:
         """The experts' layers (class docstring) on points given by their `lorentz.time_columns` (..., ·), in float32.
 
         weights: one expert's (matrices (out, in), vectors (out,)), with linear_fn = F.linear and
         per_expert the identity; or all experts' (E, out, in), (E, out), with an expert layout's
-        linear and per_expert.
+        linear and per_expert. row_weight (..., 1): routing weights that multiply the output
+        within the log map (default 1).
         """
         clip = lorentz.clip_radius
         if self.geometry == "lorentz":
@@ -298,14 +298,15 @@ class HyperbolicExperts(ExpertGroup):
             inner = gated_columns(gate_up, self.act_fn, kappa)  # time columns of clip(act(g) ⊙ u), (..., ·)
             second = weights["down_proj"], weights["down_time"], weights["down_bias"]
             output = lorentz.columns_linear(inner, *second, linear_fn)  # (..., d)
-            return lorentz.log_map0(output, kappa, clip=True)
+            return lorentz.log_map0(output, kappa, clip=True, scale=row_weight)
         first = weights["gate_up_proj"], weights["gate_up_bias"]
         gate_up = poincare.fc_lifted_columns(columns, *first, kappa, linear_fn, per_expert)  # (..., 2f)
         inner = gated_columns(gate_up, self.act_fn, kappa)  # time columns of clip(act(g) ⊙ u), (..., ·)
         second = weights["down_proj"], weights["down_bias"]
         output = poincare.fc_lifted_columns(inner, *second, kappa, linear_fn, per_expert)  # (..., d)
         # The ball's log_0 of the output point is half the hyperboloid's log_o of its image.
-        return lorentz.log_map0(output, kappa, clip=True) / 2.0
+        half = torch.full((), 0.5, dtype=output.dtype, device=output.device)
+        return lorentz.log_map0(output, kappa, clip=True, scale=half if row_weight is None else half * row_weight)
 
     # -- geometry losses -----------------------------------------------------------------------
 

@@ -8,8 +8,10 @@ has a closed-form vector-Jacobian product,
     ∂(φ·x)/∂x · g = φ·g + (φ'(r)/r)·⟨x, g⟩·x,      ∂(φ·x)/∂c · g = (∂φ/∂c)·⟨x, g⟩,
 
 so the backward is one row-wise dot product and one fused multiply-add over the rows, with φ,
-φ'(r) and ∂φ/∂c evaluated on (rows, 1) norms. Below the norm floor r₀ (lorentz.NORM_SQ_MIN^½)
-the norm is the constant r₀, as in `safe_norm`, and only φ·g remains.
+φ'(r) and ∂φ/∂c evaluated on (rows, 1) norms. An optional per-row factor s (the experts' routing
+weights) rides on φ: s·φ·x costs no pass of its own, and ∂/∂s = φ·⟨x, g⟩ reuses the dot product.
+Below the norm floor r₀ (lorentz.NORM_SQ_MIN^½) the norm is the constant r₀, as in `safe_norm`,
+and only φ·g remains.
 
 With u = √c·r:
     exp_o:          φ = sinh(min(u, U))/u        (U = lorentz.SINH_MAX, MERU's clamp)
@@ -46,7 +48,7 @@ def _log_factor(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class _RadialMap(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, curvature: torch.Tensor, kind: str, bound: float, floor: float):
+    def forward(ctx, x: torch.Tensor, curvature: torch.Tensor, scale, kind: str, bound: float, floor: float):
         raw = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (..., 1)
         r = raw.clamp_min(floor)
         sqrt_c = curvature.sqrt()
@@ -64,22 +66,36 @@ class _RadialMap(torch.autograd.Function):
             dphi_dc = du_slope * rho / (2.0 * sqrt_c) * torch.where(clipped, rho / r, 1.0)
         # φ'(r)/r where the norm is above its floor (below it r is a constant).
         radial = torch.where(raw > floor, dphi_dr / r, 0.0)
-        ctx.save_for_backward(x, phi, radial, dphi_dc)
+        ctx.save_for_backward(x, phi, radial, dphi_dc, scale)
         ctx.curvature_shape = curvature.shape
-        return x * phi
+        return x * (phi if scale is None else phi * scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, phi, radial, dphi_dc = ctx.saved_tensors
+        x, phi, radial, dphi_dc, scale = ctx.saved_tensors
         dot = (x * grad).sum(-1, keepdim=True)  # ⟨x, g⟩, (..., 1)
+        grad_scale = None
+        if scale is not None:
+            if ctx.needs_input_grad[2]:
+                grad_scale = (phi * dot).sum_to_size(scale.shape)
+            dot = dot * scale  # the dot product of x and s·g
+            phi = phi * scale
         grad_x = torch.addcmul(grad * phi, x, radial * dot)
         grad_c = None
         if ctx.needs_input_grad[1]:
             grad_c = (dphi_dc * dot).sum().reshape(ctx.curvature_shape)
-        return grad_x, grad_c, None, None, None
+        return grad_x, grad_c, grad_scale, None, None, None
 
 
-def radial_map(x: torch.Tensor, curvature: torch.Tensor | float, kind: str, bound: float, floor: float) -> torch.Tensor:
-    """φ(‖x‖, c)·x for kind "exp" (bound U) or "log" (log_o after the clip to radius bound/√c)."""
+def radial_map(
+    x: torch.Tensor,
+    curvature: torch.Tensor | float,
+    kind: str,
+    bound: float,
+    floor: float,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """s·φ(‖x‖, c)·x for kind "exp" (bound U) or "log" (log_o after the clip to radius bound/√c);
+    scale s broadcasts against the (..., 1) norms (default 1)."""
     curvature = torch.as_tensor(curvature, dtype=x.dtype, device=x.device)  # differentiable for a tensor
-    return _RadialMap.apply(x, curvature, kind, bound, floor)
+    return _RadialMap.apply(x, curvature, scale, kind, bound, floor)
