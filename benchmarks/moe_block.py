@@ -17,7 +17,7 @@ Contestants
 
 Allocator. The process first has glibc keep freed memory (`machine.keep_freed_memory`; off with
 `--default-allocator`): by default the routed blocks page-fault on fresh mappings in every
-repetition, which a training step, whose allocator has settled, does not.
+repetition (dense does not), and blocks of 32 MiB or more always do.
 
 FLOPs. Activated FLOPs = 3 × (forward FLOPs) for forward + backward; a gated FFN expert costs
 2·3·d·ffn per assignment (T·k assignments), so dense and MoE rows count the same FLOPs and the
