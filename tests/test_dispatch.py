@@ -83,11 +83,12 @@ def test_layouts_equal_the_loop(kernel, case):
         layout = dispatch.make_layout(kernel_name, rows)
         if fused:  # tokens straight into the layout and back; the weights scale the down projection's input
             gate, up = layout.linear(layout.gather(x), gate_up).chunk(2, dim=-1)
-            return layout.combine(layout.linear(F.silu(gate) * up * layout.row_weight(), down), x.dtype)
-        routed = layout.pack(dispatch.to_rows(x, rows))
+            y = layout.linear(F.silu(gate) * up * layout.row_weight(), down)
+            return layout.combine(y, x.dtype, weighted=False)
+        routed = layout.pack(dispatch.to_rows(x, rows))  # through the rows; the combine weights them
         gate, up = layout.linear(routed, gate_up).chunk(2, dim=-1)
         y = layout.unpack(layout.linear(F.silu(gate) * up, down))  # (rows, d)
-        return dispatch.combine(rows, y * rows.weight.unsqueeze(-1), x.dtype)
+        return dispatch.combine(rows, y, x.dtype, weighted=True)
 
     expected, expected_grads = run(lambda: loop_reference(x, gate_up, down, expert_index, weight, mask))
     for fused in (False, True):
@@ -146,7 +147,7 @@ def moe_config(name: str, backend: str) -> MoEConfig:
 
 def build_block(name: str, backend: str) -> MoEBlock:
     """`name` as in `moe_config`; a `_wide` suffix gives experts wider than the model (f = 2d), whose
-    routing weights scale the outputs rather than the down projection's input."""
+    routing weights the combine applies (`folds_routing_weight` is False)."""
     width = 2 * HIDDEN if name.endswith("_wide") else WIDTH
     name = name.removesuffix("_wide")
     config = moe_config(name, backend)
@@ -271,7 +272,7 @@ def test_auto_runs_a_poincare_group_eagerly_on_cpu_and_the_others_grouped(monkey
 
 @pytest.mark.parametrize("width", [8, 32], ids=["narrow", "wide"])
 def test_gated_ffn_scale_multiplies_the_output(width):
-    """scale enters the gated unit (f < d) or the output (f ≥ d): either way w · FFN(x), in value and gradient."""
+    """scale on the gated unit is w · FFN(x), in value and gradient, for f < d and f ≥ d."""
     from asymoe.models.experts import gated_ffn
 
     torch.manual_seed(0)

@@ -602,23 +602,29 @@ def test_gated_columns_equal_the_time_columns_of_the_clipped_gated_unit(clipped_
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
 
 
-def test_poincare_sinh_of_scaled_asinh_equals_autograd_of_the_formula():
-    """sinh(clamp(s·asinh(a))) through expm1/log1p with its closed-form backward, s broadcast per column."""
+@pytest.mark.parametrize("clamped", [True, False], ids=["clamped", "unclamped"])
+def test_poincare_sinh_of_scaled_asinh_equals_autograd_of_the_formula(clamped):
+    """sinh(clamp(s·asinh(a)))·k through expm1/log1p with its closed-form backward, s broadcast per
+    column; with an entry beyond the clamp (which gets no gradient) and without one (the clamp skipped)."""
     from asymoe.models.poincare import _SinhOfScaledAsinh
 
     torch.manual_seed(0)
     a = torch.randn(6, 4, dtype=torch.float64) * 3
     a[0, 0], a[1, 1], a[2, 2] = 0.0, 1e-9, -1e-7  # the origin and tiny values of either sign
-    a[3, 3] = 1e30  # s·asinh(a) beyond the clamp: no gradient through it
+    if clamped:
+        a[3, 3] = -1e30  # s·asinh(a) beyond the clamp: no gradient through it
     scale = (torch.rand(1, 4, dtype=torch.float64) + 0.5).requires_grad_()
+    k = torch.tensor([0.8], dtype=torch.float64, requires_grad=True)
     mine_a, ref_a = a.clone().requires_grad_(), a.clone().requires_grad_()
-    ref_scale = scale.detach().clone().requires_grad_()
-    out = _SinhOfScaledAsinh.apply(mine_a, scale)
-    expected = torch.sinh((ref_scale * torch.asinh(ref_a)).clamp(-poincare.SINH_MAX, poincare.SINH_MAX))
+    ref_scale, ref_k = scale.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    out = _SinhOfScaledAsinh.apply(mine_a, scale, k)
+    limit = poincare.SINH_MAX
+    expected = torch.sinh((ref_scale * torch.asinh(ref_a)).clamp(-limit, limit)) * ref_k
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-15)
     grad = torch.randn_like(out)
     out.backward(grad)
     expected.backward(grad)
     torch.testing.assert_close(mine_a.grad, ref_a.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(scale.grad, ref_scale.grad, rtol=1e-10, atol=1e-12)
-    assert mine_a.grad[3, 3] == 0.0
+    torch.testing.assert_close(k.grad, ref_k.grad, rtol=1e-10, atol=1e-12)
+    assert mine_a.grad[3, 3] == 0.0 if clamped else mine_a.grad[3, 3] != 0.0

@@ -239,7 +239,8 @@ class PlainFFNExperts(ExpertGroup):
         rows: ExpertRows,
         layout: ExpertLayout,
         extras: dict[str, torch.Tensor],
-        row_weight: torch.Tensor,
+        row_weight: torch.Tensor | None,
     ) -> torch.Tensor:
+        # folds_routing_weight is False: the combine applies the weights (row_weight is None).
         inner = self.act_fn(layout.linear(layout.gather(tokens), self.up_proj, self.up_bias))  # (layout, f)
-        return layout.linear(inner, self.down_proj, self.down_bias) * row_weight.to(inner.dtype)  # (layout, d)
+        return layout.linear(inner, self.down_proj, self.down_bias)  # (layout, d)

@@ -277,7 +277,7 @@ class EvidenceExperts(FFNExperts):
         rows: ExpertRows,
         layout: ExpertLayout,
         extras: dict[str, torch.Tensor],
-        row_weight: torch.Tensor,
+        row_weight: torch.Tensor | None,
     ) -> torch.Tensor:
         # The cross-attention context was computed once per layer, in `prepare`; rows only gather it.
         alpha = row_values(rows, extras["alpha"]).unsqueeze(-1)  # (N, 1): the gate of each row's expert
@@ -288,17 +288,19 @@ class EvidenceExperts(FFNExperts):
         """w·(α·F_mem + (1 − α)·F_evd) (Eqs. 7-9) for tokens and context (..., d), gate α (..., 1)
         and routing weight w (..., 1) (default 1).
 
-        Both branches end in a bias-free linear layer, so w·α and w·(1 − α) enter as `gated_ffn`'s
-        scale (on the narrower of its unit and its output). `select` picks the weights of the
-        experts at hand from each 3-D tensor and `linear` applies them (one expert: indexing and
-        F.linear; all: identity and a layout's linear).
+        With w (`folds_routing_weight`: f < d), w·α and w·(1 − α) scale the two branches' gated
+        units (both end in a bias-free linear layer), f values per row instead of d. `select`
+        picks the weights of the experts at hand from each 3-D tensor and `linear` applies them
+        (one expert: indexing and F.linear; all: identity and a layout's linear).
         """
-        memory_scale, evidence_scale = alpha, 1 - alpha
-        if row_weight is not None:
-            row_weight = row_weight.to(alpha.dtype)
-            memory_scale, evidence_scale = memory_scale * row_weight, evidence_scale * row_weight
         memory_weights = select(self.gate_up_proj), select(self.down_proj)
-        memory = gated_ffn(tokens, *memory_weights, self.act_fn, linear, memory_scale)
         joint = torch.cat([tokens, context.to(tokens.dtype)], dim=-1)  # (..., 2d)
         evidence_weights = select(self.evidence_gate_up_proj), select(self.evidence_down_proj)
-        return memory + gated_ffn(joint, *evidence_weights, self.act_fn, linear, evidence_scale)
+        if row_weight is None:
+            memory = gated_ffn(tokens, *memory_weights, self.act_fn, linear)
+            evidence = gated_ffn(joint, *evidence_weights, self.act_fn, linear)
+            alpha = alpha.to(memory.dtype)
+            return alpha * memory + (1 - alpha) * evidence
+        scale = row_weight.to(alpha.dtype)
+        memory = gated_ffn(tokens, *memory_weights, self.act_fn, linear, alpha * scale)
+        return memory + gated_ffn(joint, *evidence_weights, self.act_fn, linear, (1 - alpha) * scale)

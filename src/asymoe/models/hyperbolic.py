@@ -179,6 +179,11 @@ class HyperbolicExperts(ExpertGroup):
     def family(self) -> str:
         return self.geometry
 
+    @property
+    def folds_routing_weight(self) -> bool:
+        """The weights ride on the log map's per-row factor (`lorentz.log_map0`'s scale): no pass."""
+        return True
+
     # -- curvature -----------------------------------------------------------------------------
 
     def curvature(self) -> torch.Tensor:
@@ -265,7 +270,7 @@ class HyperbolicExperts(ExpertGroup):
         rows: ExpertRows,
         layout: ExpertLayout,
         extras: dict[str, torch.Tensor],
-        row_weight: torch.Tensor,
+        row_weight: torch.Tensor | None,
     ) -> torch.Tensor:
         # Statistics as in `dispatch`: token norms and how many of the group's rows each token has.
         reached = (rows.row_of_position < rows.position.shape[0]).view(tokens.shape[0], rows.slots).sum(-1)
