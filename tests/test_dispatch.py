@@ -252,8 +252,9 @@ def test_grouped_and_auto_resolve_per_group():
     assert block._kernels(torch.zeros(1, HIDDEN)) is None
 
 
-def test_auto_runs_a_poincare_group_eagerly_on_cpu_and_the_others_grouped(monkeypatch):
-    """FASTEST_FOR_FAMILY: on CPU float32 the Poincaré group takes its per-expert loop under auto."""
+def test_auto_runs_a_family_listed_as_eager_eagerly_and_the_others_grouped(monkeypatch):
+    """FASTEST_FOR_FAMILY: a family listed as eager for CPU float32 takes its per-expert loop under auto."""
+    monkeypatch.setitem(dispatch.FASTEST_FOR_FAMILY, ("poincare", "cpu", torch.float32), "eager")
     cpu = torch.device("cpu")
     assert dispatch.resolve_kernel("auto", cpu, torch.float32, 16, family="poincare") == "eager"
     assert dispatch.resolve_kernel("grouped", cpu, torch.float32, 16, family="poincare") == "grouped_mm"
@@ -268,6 +269,8 @@ def test_auto_runs_a_poincare_group_eagerly_on_cpu_and_the_others_grouped(monkey
     monkeypatch.setattr(group_class, "dispatch", lambda *a, **k: calls.append(1) or eager_dispatch(*a, **k))
     assert_same_run(run_block(block, meta), run_block(build_block("asymoe_poincare", "eager"), meta))
     assert len(calls) == 2  # the auto block's and the eager block's Poincaré group, each once
+    monkeypatch.delitem(dispatch.FASTEST_FOR_FAMILY, ("poincare", "cpu", torch.float32))
+    assert dispatch.resolve_kernel("auto", cpu, torch.float32, 16, family="poincare") == "grouped_mm"
 
 
 @pytest.mark.parametrize("width", [8, 32], ids=["narrow", "wide"])

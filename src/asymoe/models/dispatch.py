@@ -66,10 +66,11 @@ FASTEST: dict[tuple[str, torch.dtype], str] = {
 }
 FALLBACK: str = "padded"  # any other (device, dtype): needs no special kernel
 # Where one group family is fastest on another path than FASTEST's: (family, device type, dtype) ->
-# kernel or "eager". Poincaré on CPU float32: its eager loop beat every grouped kernel at both
-# shapes in both quiet runs of benchmarks/moe_block.md (coarse 468 vs 718 ms, fine 451 vs 480 ms):
-# its many element-wise passes over (rows, 2f) run on smaller, reused per-expert tensors there.
-FASTEST_FOR_FAMILY: dict[tuple[str, str, torch.dtype], str] = {("poincare", "cpu", torch.float32): "eager"}
+# kernel or "eager". None at present. Poincaré on CPU float32 had its eager loop here (it beat
+# every grouped kernel in two runs, coarse 468 vs 718 ms, fine 451 vs 480 ms) until its layer ran
+# in fewer passes and took the routing weight inside the log map: in one interleaved run on
+# 2026-12-01 grouped_mm took 302 vs 393 ms fine-grained and 445 vs 433 ms coarse.
+FASTEST_FOR_FAMILY: dict[tuple[str, str, torch.dtype], str] = {}
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype, *dims: int) -> bool:
