@@ -54,10 +54,11 @@ SYNC_FREE_DEVICES: frozenset[str] = frozenset({"cuda"})
 # Fastest kernel per (device type, dtype). Measured (benchmarks/results/moe_block.md, Euclidean
 # groups): CPU float32, where grouped_mm beat padded's batched GEMMs at both shapes in each of four
 # runs on a quiet 2-core CPU over two sessions (1.10x vs 1.01x dense coarse, 0.74x vs 0.69x
-# fine-grained; on a loaded machine padded had won), and tied coarse (0.97x) but led fine-grained
-# (0.69x vs 0.65x) on 2026-12-01 16:28. Not measured, by analogy: CPU bfloat16 as padded
-# (grouped_mm's CPU bf16 path unmeasured); CUDA grouped_mm, the kernel torch and transformers build
-# for it (bf16/fp16 on SM >= 80), which is also the only sync-free kernel.
+# fine-grained; on a loaded machine padded had won), tied coarse (0.97x) but led fine-grained
+# (0.69x vs 0.65x) on 2026-12-01 16:28, and led both in two runs at 18:21 and 18:42 (coarse 0.96x
+# and 0.93x vs 0.95x and 0.89x, fine 0.74x and 0.73x vs 0.67x and 0.68x). Not measured, by
+# analogy: CPU bfloat16 as padded (grouped_mm's CPU bf16 path unmeasured); CUDA grouped_mm, the
+# kernel torch and transformers build for it (bf16/fp16 on SM >= 80), the only sync-free kernel.
 FASTEST: dict[tuple[str, torch.dtype], str] = {
     ("cpu", torch.float32): "grouped_mm",
     ("cpu", torch.bfloat16): "padded",
