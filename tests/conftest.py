@@ -46,6 +46,30 @@ def tiny_overrides(tmp_path) -> list[str]:
     return TINY + [f"output_dir={tmp_path / 'run'}"]
 
 
+# A tiny causal LM (hidden 32, 2 layers) for the tests that save a model and load it by path.
+TINY_LM = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def save_tiny_lm(directory, model_type: str, **config) -> None:
+    """Save a `model_type` LM built from `config` (default TINY_LM) with seed-0 weights to `directory`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **(config or TINY_LM)))
+    model.save_pretrained(directory)
+
+
 # The longest test files (minutes of child processes on 2 cores) start first, so that the two xdist
 # workers (pyproject.toml) finish together instead of one running a long file at the end alone.
 LONGEST_FIRST = ("test_faults.py", "test_grid.py", "test_distributed.py")

@@ -11,7 +11,7 @@ import typing
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from asymoe.config import ConfigError, load
 from asymoe.config.schema import LMArch
@@ -19,22 +19,11 @@ from asymoe.models.adapters import PlainFFNExperts
 from asymoe.models.experts import FFNExperts
 from asymoe.models.moe import MoEBlock
 from asymoe.models.vlm import VisionLanguageModel
-from conftest import TINY
+from conftest import TINY, TINY_LM, save_tiny_lm
 
-VOCAB = 64
+COMMON = TINY_LM
+VOCAB = COMMON["vocab_size"]
 IMAGE_TOKEN = 4
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 HEADED = dict(COMMON, head_dim=16)
 
 # model_type -> (config kwargs, the MLP layout its adapter reads)
@@ -81,9 +70,7 @@ SPARSE = {
 
 
 def save(directory, model_type: str, kwargs: dict) -> AutoModelForCausalLM:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs))
-    model.save_pretrained(directory)
+    save_tiny_lm(directory, model_type, **kwargs)
     return AutoModelForCausalLM.from_pretrained(directory).eval()
 
 

@@ -9,22 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from asymoe.config import ConfigError, load
 from asymoe.models.moe import MoEBlock
 from asymoe.models.vlm import VisionLanguageModel
-from conftest import TINY
-
-
-def save_tiny_lm(directory, arch: str, vocab: int = 64) -> None:
-    config = AutoConfig.for_model(
-        arch,
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+from conftest import TINY, save_tiny_lm
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
