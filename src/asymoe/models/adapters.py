@@ -241,6 +241,6 @@ class PlainFFNExperts(ExpertGroup):
         extras: dict[str, torch.Tensor],
         row_weight: torch.Tensor | None,
     ) -> torch.Tensor:
-        # folds_routing_weight is False: the combine applies the weights (row_weight is None).
         inner = self.act_fn(layout.linear(layout.gather(tokens), self.up_proj, self.up_bias))  # (layout, f)
-        return layout.linear(inner, self.down_proj, self.down_bias)  # (layout, d)
+        out = layout.linear(inner, self.down_proj, self.down_bias)  # (layout, d)
+        return out if row_weight is None else out * row_weight.to(out.dtype)

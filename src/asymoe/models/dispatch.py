@@ -300,12 +300,11 @@ class _InjectiveGather(torch.autograd.Function):
 
 
 def sum_slots(values: torch.Tensor, slots: int) -> torch.Tensor:
-    """Σ_s values[t, s] for values (tokens·slots, d) -> (tokens, d), as a (1 × slots)·(slots × d)
-    product per token: 1.8 against 2.4 ms for `.sum(1)` on CPU at 4096 × 4 × 256 (one run). In the
-    values' dtype, autocast off."""
-    ones = values.new_ones(1, 1, slots).expand(values.shape[0] // slots, 1, slots)
-    with torch.autocast(device_type=values.device.type, enabled=False):
-        return torch.bmm(ones, values.view(-1, slots, values.shape[-1])).squeeze(1)
+    """Σ_s values[t, s] for values (tokens·slots, d) -> (tokens, d): `weighted_sum` with unit weights
+    (1.8 against 2.4 ms for `.sum(1)` on CPU at 4096 × 4 × 256, one run). The weights are one
+    (1, 1, slots) row broadcast over tokens; unit strides within it keep bmm on its fast path (a
+    fully broadcast weight took 15 ms)."""
+    return weighted_sum(values, values.new_ones(1, 1, slots).expand(values.shape[0] // slots, 1, slots), slots)
 
 
 class _TokenGather(torch.autograd.Function):

@@ -280,7 +280,8 @@ class HyperbolicExperts(ExpertGroup):
             point = self._to_manifold(tokens.float(), kappa)  # (T, d): the exp map once per token
             columns = layout.gather(lorentz.time_columns(point, kappa))  # and its time column, gathered to rows
             weights = {name: weight.float() for name, weight in self._expert_weights().items()}
-            output = self._layers(columns, kappa, weights, layout.linear, layout.per_expert, row_weight.float())
+            row_weight = None if row_weight is None else row_weight.float()
+            output = self._layers(columns, kappa, weights, layout.linear, layout.per_expert, row_weight)
         return output.to(tokens.dtype)  # (layout, d)
 
     def matmul_widths(self) -> tuple[int, ...]:

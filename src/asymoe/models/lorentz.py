@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from asymoe.models.gating import swiglu_backward
-from asymoe.models.radial import radial_map
+from asymoe.models.radial import radial_map, row_dot
 
 SINH_MAX = math.asinh(2.0**15)  # MERU: sinh/cosh inputs stay below this
 RADIUS_MAX = 2.0**15  # = sinh(SINH_MAX): space norms stay below RADIUS_MAX/√c
@@ -122,7 +122,7 @@ class _ClipRadius(torch.autograd.Function):
         scale = (limit / norm).clamp(max=1.0)
         clipped = limit < norm  # (..., 1)
         ctx.save_for_backward(x_space, norm, scale, clipped)
-        ctx.none_clipped = _none_clipped(clipped)
+        ctx.none_clipped = none_clipped(clipped)
         return x_space.view_as(x_space) if ctx.none_clipped else x_space * scale
 
     @staticmethod
@@ -133,10 +133,11 @@ class _ClipRadius(torch.autograd.Function):
         return _clip_gradient(grad, x_space, norm, scale, clipped), None
 
 
-def _none_clipped(clipped: torch.Tensor) -> bool:
-    """Whether a radius clip may skip its work: on CPU a clipped row is looked for (a host read costs
-    nothing there) and, without one, the clip is the identity in value and gradient; elsewhere
-    (False) every row is scaled and the correction masked, so that nothing synchronises."""
+def none_clipped(clipped: torch.Tensor) -> bool:
+    """Whether a clip may skip its work, `clipped` marking the rows (or entries) it would change: on
+    CPU one is looked for (a host read costs nothing there) and, without one, the clip is the
+    identity in value and gradient; elsewhere (False) it is always applied and its correction
+    masked, so that nothing synchronises. Used by the radius clips and the Poincaré layer's clamp."""
     return clipped.device.type == "cpu" and not bool(clipped.any())
 
 
@@ -147,7 +148,7 @@ def _clip_gradient(
 
     `point` may be x or its clipped image (the same direction) with `norm` its norm; scale = min(1, limit/‖x‖).
     """
-    radial = (point * grad).sum(-1, keepdim=True) / norm.square()
+    radial = row_dot(point, grad) / norm.square()
     return torch.where(clipped, scale * (grad - point * radial), grad)
 
 
@@ -292,7 +293,7 @@ class _SwiGLUColumns(torch.autograd.Function):
         torch.mul(F.silu(gate), up, out=inner)
         norm = safe_norm(inner)  # (..., 1)
         clipped = limit < norm
-        scale = None if _none_clipped(clipped) else (limit / norm).clamp(max=1.0)
+        scale = None if none_clipped(clipped) else (limit / norm).clamp(max=1.0)
         if scale is not None:
             inner.mul_(scale)
             norm = norm * scale

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from asymoe.models import lorentz
-from asymoe.models.lorentz import SINH_MAX, Curvature, identity, safe_norm
+from asymoe.models.lorentz import SINH_MAX, Curvature, identity, none_clipped, safe_norm
 
 BALL_EPS = 1e-5  # ball points stay within (1 − ε)/√c of the origin
 
@@ -102,9 +102,9 @@ class _SinhOfScaledAsinh(torch.autograd.Function):
         inverse_t = t.reciprocal()
         log_term = torch.addcmul(u, u, torch.div(u, t.add_(1.0), out=t), out=t).log1p_()  # asinh(u)
         x = log_term * scale
-        inside = None
-        if a.device.type != "cpu" or (x.numel() > 0 and bool(x.max() > SINH_MAX)):
-            inside = x <= SINH_MAX
+        beyond = x > SINH_MAX
+        inside = None if none_clipped(beyond) else ~beyond
+        if inside is not None:
             x.clamp_(max=SINH_MAX)
         m = x.expm1_()
         m_plus_1 = m + 1.0
