@@ -5,8 +5,9 @@ weights of an uninterrupted run and trained on exactly the same batches.
     python benchmarks/faults.py --repeats 3            # writes benchmarks/results/faults.{json,md}
     python benchmarks/faults.py --repeats 1 --fsdp2    # also the 2-process FSDP2 scenarios
 
-Each scenario starts the run in a child process (this file with `--worker`), which records every
-step's batch and kills itself -- or, under FSDP2, its whole process group -- with SIGKILL at the
+Each scenario starts the run in a child process (this file with `--worker`; under FSDP2 two, one
+per rank, started together as torchrun or SLURM would start them), which records every step's
+batch and kills itself -- or, under FSDP2, its whole process group -- with SIGKILL at the
 chosen moment. A save fault tears the checkpoint write: half the bytes of the new file, or (sharded
 folder) the old folder moved aside and the new one not yet in place. The resume runs in this
 process (single process) or again as two processes (FSDP2: the uninterrupted run and every
@@ -25,6 +26,7 @@ import platform
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,7 +52,8 @@ FAULT_OVERRIDES = [
     "data.limit_val=8",
     "data.limit_test=8",
 ]
-FSDP2_OVERRIDES = ["trainer.strategy=fsdp2", "trainer.devices=2"]
+FSDP2_RANKS = 2
+FSDP2_OVERRIDES = ["trainer.strategy=fsdp2", f"trainer.devices={FSDP2_RANKS}"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,32 +185,61 @@ def worker(spec_path: Path) -> None:
                 (log_dir / REFUSED_FILE).write_text(str(error))
 
 
-def launch(runs: list[dict], folder: Path, **process) -> tuple[int, str]:
-    """Run `worker` over `runs` in a new process group; returns (exit status, its whole output).
+def launch(runs: list[dict], folder: Path, ranks: int = 1, **process) -> tuple[int, str]:
+    """Run `worker` over `runs` in `ranks` processes of a new process group; returns (exit status, output).
 
     Each run: `overrides` and `log_dir` (default `folder`). `process`: the fault (`kill_at_step`, or
-    `save_fault` and `on_save`) and whether a kill ends the whole process group (`group`).
+    `save_fault` and `on_save`) and whether a kill ends the whole process group (`group`). With
+    ranks > 1 every rank starts at once with its rank in the environment, as torchrun or SLURM start
+    them (Lightning then spawns none): their imports overlap, where Lightning's own launcher starts
+    rank 1 only once rank 0 has imported everything and reached `fit` (~12 s later on 2 cores). The
+    status is rank 0's, or the first other rank's that failed; the output is every rank's, in order
+    of writing.
     """
     folder.mkdir(parents=True, exist_ok=True)
     runs = [{"log_dir": str(folder), **run} for run in runs]
     spec = {**process, "runs": runs, "threads": torch.get_num_threads()}
     (folder / "spec.json").write_text(json.dumps(spec))
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(folder / "spec.json")]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", str(folder / "spec.json")],
-        cwd=folder,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its ranks share one group: a hang is ended with one killpg
-    )
+    if ranks > 1:
+        port = _free_port()
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", WORLD_SIZE=str(ranks))
+    log_path = folder / "output.log"
+    processes: list[subprocess.Popen] = []
+    with open(log_path, "ab") as log:
+        for rank in range(ranks):
+            rank_env = {**env, "LOCAL_RANK": str(rank)} if ranks > 1 else env
+            # Rank 0 leads a new process group and the others join it: a hang, or a fault that kills
+            # the group, ends every rank with one killpg.
+            # (A group, not a session: a process may join another group of its own session only.)
+            group_id = processes[0].pid if processes else 0
+            processes.append(
+                subprocess.Popen(
+                    command,
+                    cwd=folder,
+                    env=rank_env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=lambda group_id=group_id: os.setpgid(0, group_id),
+                )
+            )
+    deadline = time.monotonic() + RUN_TIMEOUT_S * len(runs)
     try:
-        output, _ = process.communicate(timeout=RUN_TIMEOUT_S * len(runs))
+        codes = [process.wait(timeout=max(deadline - time.monotonic(), 0.1)) for process in processes]
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        return -9999, "timed out: " + output.decode(errors="replace")[-2000:]
-    return process.returncode, output.decode(errors="replace")
+        os.killpg(processes[0].pid, signal.SIGKILL)
+        for process in processes:
+            process.wait()
+        return -9999, "timed out: " + log_path.read_text(errors="replace")[-2000:]
+    code = next((c for c in codes if c != 0), 0) if codes[0] == 0 else codes[0]
+    return code, log_path.read_text(errors="replace")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run_outputs(output: str, count: int) -> list[str]:
@@ -291,7 +323,7 @@ def start_scenario(scenario: str, overrides: list[str], folder: Path, seed: int)
     run_dir = folder / "run"
     fault = fault_spec(scenario, random.Random(seed))
     runs = [{"overrides": overrides + [f"output_dir={run_dir}"]}]
-    code, output = launch(runs, folder / "killed", group=fsdp2, **fault)
+    code, output = launch(runs, folder / "killed", ranks=FSDP2_RANKS if fsdp2 else 1, group=fsdp2, **fault)
     if code != -signal.SIGKILL:
         return fault, Outcome(scenario, False, f"the faulty run was not killed (exit {code}): {output[-300:]}")
     if scenario == "corrupt_last":
@@ -349,7 +381,7 @@ def run_fsdp2_scenarios(cases: list[tuple[str, int]], overrides: list[str], fold
     reference_dir = folder / "reference"
     runs = [{"overrides": overrides + [f"output_dir={reference_dir / 'run'}"], "log_dir": str(reference_dir)}]
     runs += [{"overrides": resume_overrides(overrides, f), "log_dir": str(f / "resumed")} for *_, f in started]
-    code, output = launch(runs, folder / "reference-and-resumes")
+    code, output = launch(runs, folder / "reference-and-resumes", ranks=FSDP2_RANKS)
     outputs = run_outputs(output, len(runs))
     assert (reference_dir / "weights.pt").is_file(), f"the reference run failed (exit {code}): {outputs[0][-3000:]}"
     reference = recorded_run(reference_dir)
