@@ -602,18 +602,23 @@ def test_gated_columns_equal_the_time_columns_of_the_clipped_gated_unit(clipped_
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("scale_rows", [1, 6], ids=["broadcast_scale", "per_row_scale"])
+@pytest.mark.parametrize("block", [1 << 18, 8], ids=["one_block", "blocks_of_2_rows"])
 @pytest.mark.parametrize("clamped", [True, False], ids=["clamped", "unclamped"])
-def test_poincare_sinh_of_scaled_asinh_equals_autograd_of_the_formula(clamped):
+def test_poincare_sinh_of_scaled_asinh_equals_autograd_of_the_formula(clamped, block, scale_rows, monkeypatch):
     """sinh(clamp(s·asinh(a)))·k through expm1/log1p with its closed-form backward, s broadcast per
-    column; with an entry beyond the clamp (which gets no gradient) and without one (the clamp skipped)."""
+    column or given per entry (as an expert layout's per_expert gives it); with an entry beyond the
+    clamp (which gets no gradient) and without one (the clamp skipped); in one block and in blocks of
+    2 rows (the CPU passes run block by block: the clamped entry's block clamps, the others skip it)."""
     from asymoe.models.poincare import _SinhOfScaledAsinh
 
+    monkeypatch.setattr(poincare, "BLOCK_ELEMENTS", block)
     torch.manual_seed(0)
     a = torch.randn(6, 4, dtype=torch.float64) * 3
     a[0, 0], a[1, 1], a[2, 2] = 0.0, 1e-9, -1e-7  # the origin and tiny values of either sign
     if clamped:
         a[3, 3] = -1e30  # s·asinh(a) beyond the clamp: no gradient through it
-    scale = (torch.rand(1, 4, dtype=torch.float64) + 0.5).requires_grad_()
+    scale = (torch.rand(scale_rows, 4, dtype=torch.float64) + 0.5).requires_grad_()
     k = torch.tensor([0.8], dtype=torch.float64, requires_grad=True)
     mine_a, ref_a = a.clone().requires_grad_(), a.clone().requires_grad_()
     ref_scale, ref_k = scale.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
