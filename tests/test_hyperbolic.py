@@ -633,3 +633,22 @@ def test_poincare_sinh_of_scaled_asinh_equals_autograd_of_the_formula(clamped, b
     torch.testing.assert_close(scale.grad, ref_scale.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(k.grad, ref_k.grad, rtol=1e-10, atol=1e-12)
     assert mine_a.grad[3, 3] == 0.0 if clamped else mine_a.grad[3, 3] != 0.0
+
+
+@pytest.mark.parametrize("bmm_from", [0, 1 << 30], ids=["batched_product", "sum"])
+def test_row_dot_is_the_row_wise_dot_product(bmm_from, monkeypatch):
+    """Both ways `radial.row_dot` takes (a batched product for large inputs, a sum for small ones)
+    give ⟨x, y⟩ per row over the last dimension, shaped (..., 1), with gradients."""
+    from asymoe.models import radial
+
+    monkeypatch.setattr(radial, "ROW_DOT_BMM_ELEMENTS", bmm_from)
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    out = radial.row_dot(x, y)
+    expected = torch.einsum("abd,abd->ab", x.detach(), y.detach()).unsqueeze(-1)
+    assert out.shape == (3, 5, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())
+    torch.testing.assert_close(y.grad, x.detach())

@@ -46,9 +46,17 @@ def _log_factor(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return phi, torch.where(u < SMALL_U, -u / 3.0, slope)
 
 
+# From this many entries on, `row_dot` is a batched product (measured crossover on the 2-core CPU:
+# 4096 × 256 took 0.68 against 0.58 ms for the sum, 8192 × 256 1.48 against 1.69 ms).
+ROW_DOT_BMM_ELEMENTS = 1 << 21
+
+
 def row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """⟨x, y⟩ over the last dimension, (..., 1), as a batched (1 × d)·(d × 1) product: one pass with
-    no (..., d) temporary (2.7 against 4.3 ms for (x·y).sum(-1) at 16384 × 256 on the 2-core CPU)."""
+    """⟨x, y⟩ over the last dimension, (..., 1). Large inputs take a batched (1 × d)·(d × 1) product:
+    one pass with no (..., d) temporary (3.5 against 4.5 ms for (x·y).sum(-1) at 16384 × 256 on the
+    2-core CPU); small ones (x·y).sum(-1), which is faster there (0.35 against 0.17 ms at 4096 × 128)."""
+    if x.numel() < ROW_DOT_BMM_ELEMENTS:
+        return (x * y).sum(-1, keepdim=True)
     width = x.shape[-1]
     with torch.autocast(device_type=x.device.type, enabled=False):
         dot = torch.bmm(x.reshape(-1, 1, width), y.reshape(-1, width, 1))
