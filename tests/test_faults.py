@@ -17,6 +17,7 @@ import sys
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from asymoe import cli
 from asymoe import config as config_lib
@@ -25,7 +26,7 @@ from asymoe.training import checkpoints
 from asymoe.training.checkpoints import CheckpointError, verify_checkpoint
 from asymoe.training.guards import NonFiniteError
 from asymoe.training.run import fit
-from asymoe.training.rundir import claim_run_directory
+from asymoe.training.rundir import claim_run_directory, holds_a_run
 from conftest import REPO, TINY
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -188,6 +189,34 @@ def test_fit_into_a_finished_run_is_refused_and_changes_nothing(reference, capsy
     )
     assert ((run_dir / "metrics.json").read_bytes(), (run_dir / "config.yaml").read_bytes()) == before
     assert not list((run_dir / "checkpoints").glob("*-v1*"))
+
+
+class _StopAtFitStart(L.Callback):
+    def on_fit_start(self, trainer, pl_module):
+        raise _Stopped
+
+
+class _Stopped(Exception):
+    pass
+
+
+def test_a_rank_started_with_rank_0_leaves_the_run_directory_to_it(tmp_path, monkeypatch):
+    """Ranks a launcher starts together (torchrun, SLURM) reach `fit`'s writes before or after rank 0
+    claims the directory. Rank 1 used to write config.yaml too: rank 0, arriving second, then found a
+    "started run" in its own fresh directory, refused it and left rank 1 waiting (an FSDP2 fault test
+    hung on it). Rank 1 goes up to training, then rank 0 claims the directory and trains."""
+    run_dir = tmp_path / "run"
+    overrides = TINY + [f"output_dir={run_dir}"]
+    # One process plays rank 1 up to training: the rank a launcher sets (read by is_first_process)
+    # and the rank Lightning's rank-zero-only logging reads from it at import.
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    with pytest.raises(_Stopped):
+        fit(config_lib.load("asymoe", overrides), callbacks=[_StopAtFitStart()])
+    assert not holds_a_run(run_dir), sorted(p.name for p in run_dir.iterdir())
+    monkeypatch.undo()
+    metrics = fit(config_lib.load("asymoe", overrides))  # rank 0 after it: claims and trains
+    assert (run_dir / "config.yaml").is_file() and math.isfinite(metrics["train/loss"])
 
 
 def test_overwrite_clears_a_started_run_and_refuses_with_resume(tmp_path):

@@ -10,10 +10,15 @@ from pathlib import Path
 METRICS_FILE = "metrics.json"
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: a reader sees the old file or the whole new one."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True))
 
 
 def read_json(path: Path) -> dict | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from asymoe.config import ConfigError
+from asymoe.files import write_text_atomic
 
 IMAGE_TOKEN = "<image>"
 _WORD = re.compile(r"<image>|\w+|[^\w\s]")
@@ -82,7 +83,8 @@ class WordTokenizer:
         return " ".join(words)
 
     def save(self, directory: Path) -> None:
-        (Path(directory) / self.FILENAME).write_text(json.dumps({"kind": "word", "vocab": self.vocab}))
+        # Atomic: another rank of the same run may be loading it (`VQADataModule.prepare`).
+        write_text_atomic(Path(directory) / self.FILENAME, json.dumps({"kind": "word", "vocab": self.vocab}))
 
     @classmethod
     def load(cls, directory: Path) -> WordTokenizer:

@@ -29,7 +29,14 @@ from asymoe.training.distributed import build_strategy, check_devices
 from asymoe.training.guards import NonFiniteGuard
 from asymoe.training.loaders import saved_loader_state, shard_loader
 from asymoe.training.module import MODEL_CONFIG_KEY, VLMModule
-from asymoe.training.rundir import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, claim_run_directory, resume_checkpoint
+from asymoe.training.rundir import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    LAST_CHECKPOINT,
+    claim_run_directory,
+    is_first_process,
+    resume_checkpoint,
+)
 
 
 def run_directory(cfg: Config) -> Path:
@@ -104,10 +111,14 @@ def fit(cfg: Config, callbacks: list | None = None, overwrite: bool = False) -> 
         datamodule.encode(module.model.num_image_tokens)
     resume, resume_metadata = resume_checkpoint(cfg, run_dir, MODEL_CONFIG_KEY)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / METRICS_FILE).unlink(missing_ok=True)
     cfg.output_dir = str(run_dir)
-    config_lib.save(cfg, run_dir / CONFIG_FILE)
-    tokenizer.save(run_dir)
+    if is_first_process():
+        # Ranks that a launcher starts together (torchrun, SLURM) reach this point before or after
+        # rank 0 has claimed the directory: a config.yaml another rank wrote first would make rank 0
+        # refuse its own fresh run (and leave the others waiting for it), so only rank 0 writes here.
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        config_lib.save(cfg, run_dir / CONFIG_FILE)
+        tokenizer.save(run_dir)
 
     checkpoint, last_checkpoint = _checkpoint_callbacks(run_dir)
     trainer = build_trainer(
