@@ -170,7 +170,10 @@ class _SinhOfScaledAsinh(torch.autograd.Function):
             grad_cosh = torch.mul(grad_block, cosh_block, out=grad_a_block)
             if grad_scale is not None:
                 partial = (grad_cosh * log_block).sum_to_size(scale_block.shape)
-                grad_scale_block.copy_(partial) if sliced_scale else grad_scale_block.add_(partial)
+                if sliced_scale:
+                    grad_scale_block.copy_(partial)
+                else:
+                    grad_scale_block.add_(partial)
             grad_cosh.mul_(inverse_t_block).mul_(scale_block * half_k)  # grad_a's block
         if grad_scale is not None:
             grad_scale.mul_(half_k)
