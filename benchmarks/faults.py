@@ -193,8 +193,8 @@ def launch(runs: list[dict], folder: Path, ranks: int = 1, **process) -> tuple[i
     ranks > 1 every rank starts at once with its rank in the environment, as torchrun or SLURM start
     them (Lightning then spawns none): their imports overlap, where Lightning's own launcher starts
     rank 1 only once rank 0 has imported everything and reached `fit` (~12 s later on 2 cores). The
-    status is rank 0's, or the first other rank's that failed; the output is every rank's, in order
-    of writing.
+    status is that of the first rank seen to fail (the others are then ended: they would wait for it
+    until the timeout), else 0; the output is every rank's, in order of writing.
     """
     folder.mkdir(parents=True, exist_ok=True)
     runs = [{"log_dir": str(folder), **run} for run in runs]
@@ -225,15 +225,28 @@ def launch(runs: list[dict], folder: Path, ranks: int = 1, **process) -> tuple[i
                 )
             )
     deadline = time.monotonic() + RUN_TIMEOUT_S * len(runs)
-    try:
-        codes = [process.wait(timeout=max(deadline - time.monotonic(), 0.1)) for process in processes]
-    except subprocess.TimeoutExpired:
-        os.killpg(processes[0].pid, signal.SIGKILL)
-        for process in processes:
-            process.wait()
-        return -9999, "timed out: " + log_path.read_text(errors="replace")[-2000:]
-    code = next((c for c in codes if c != 0), 0) if codes[0] == 0 else codes[0]
-    return code, log_path.read_text(errors="replace")
+    failed = None  # the first rank seen to fail: the others, waiting for it in a collective, end with it
+    while failed is None and any(process.poll() is None for process in processes):
+        if time.monotonic() > deadline:
+            _end_group(processes)
+            return -9999, "timed out: " + log_path.read_text(errors="replace")[-2000:]
+        failed = next((process.returncode for process in processes if process.returncode not in (None, 0)), None)
+        time.sleep(0.05)
+    _end_group(processes)
+    if failed is None:
+        failed = next((process.returncode for process in processes if process.returncode != 0), 0)
+    return failed, log_path.read_text(errors="replace")
+
+
+def _end_group(processes: list[subprocess.Popen]) -> None:
+    """SIGKILL whatever is left of the launch's process group, and reap every rank."""
+    if any(process.poll() is None for process in processes):
+        try:
+            os.killpg(processes[0].pid, signal.SIGKILL)
+        except ProcessLookupError:  # the last one ended in between
+            pass
+    for process in processes:
+        process.wait()
 
 
 def _free_port() -> int:
