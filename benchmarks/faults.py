@@ -26,7 +26,6 @@ import platform
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -203,7 +203,7 @@ def launch(runs: list[dict], folder: Path, ranks: int = 1, **process) -> tuple[i
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(folder / "spec.json")]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     if ranks > 1:
-        port = _free_port()
+        port = find_free_network_port()  # the port Lightning's own launcher would pick
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", WORLD_SIZE=str(ranks))
     log_path = folder / "output.log"
     processes: list[subprocess.Popen] = []
@@ -247,12 +247,6 @@ def _end_group(processes: list[subprocess.Popen]) -> None:
             pass
     for process in processes:
         process.wait()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run_outputs(output: str, count: int) -> list[str]:
