@@ -602,14 +602,22 @@ def test_gated_columns_equal_the_time_columns_of_the_clipped_gated_unit(clipped_
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("scale_rows", [1, 6], ids=["broadcast_scale", "per_row_scale"])
+@pytest.mark.parametrize(
+    "scale_rows, segments",
+    [(1, None), (6, None), (4, (2, 0, 3, 1))],
+    ids=["broadcast_scale", "per_row_scale", "per_expert_scale"],
+)
 @pytest.mark.parametrize("block", [1 << 18, 8], ids=["one_block", "blocks_of_2_rows"])
 @pytest.mark.parametrize("clamped", [True, False], ids=["clamped", "unclamped"])
-def test_poincare_sinh_of_scaled_asinh_equals_autograd_of_the_formula(clamped, block, scale_rows, monkeypatch):
+def test_poincare_sinh_of_scaled_asinh_equals_autograd_of_the_formula(
+    clamped, block, scale_rows, segments, monkeypatch
+):
     """sinh(clamp(s·asinh(a)))·k through expm1/log1p with its closed-form backward, s broadcast per
-    column or given per entry (as an expert layout's per_expert gives it); with an entry beyond the
-    clamp (which gets no gradient) and without one (the clamp skipped); in one block and in blocks of
-    2 rows (the CPU passes run block by block: the clamped entry's block clamps, the others skip it)."""
+    column, given per entry (as an expert layout's per_expert gives it) or per expert over rows
+    sorted by expert (`segments`: 4 experts, one with no row; against the scale gathered to rows);
+    with an entry beyond the clamp (which gets no gradient) and without one (the clamp skipped); in
+    one block and in blocks of 2 rows (the CPU passes run block by block, never across an expert's
+    rows: the clamped entry's block clamps, the others skip it)."""
     from asymoe.models.poincare import _SinhOfScaledAsinh
 
     monkeypatch.setattr(poincare, "BLOCK_ELEMENTS", block)
@@ -622,9 +630,12 @@ def test_poincare_sinh_of_scaled_asinh_equals_autograd_of_the_formula(clamped, b
     k = torch.tensor([0.8], dtype=torch.float64, requires_grad=True)
     mine_a, ref_a = a.clone().requires_grad_(), a.clone().requires_grad_()
     ref_scale, ref_k = scale.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
-    out = _SinhOfScaledAsinh.apply(mine_a, scale, k)
+    out = _SinhOfScaledAsinh.apply(mine_a, scale, k, segments)
+    row_scale = ref_scale
+    if segments is not None:
+        row_scale = ref_scale.repeat_interleave(torch.tensor(segments), dim=0)  # (6, 4): each row's expert
     limit = poincare.SINH_MAX
-    expected = torch.sinh((ref_scale * torch.asinh(ref_a)).clamp(-limit, limit)) * ref_k
+    expected = torch.sinh((row_scale * torch.asinh(ref_a)).clamp(-limit, limit)) * ref_k
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-15)
     grad = torch.randn_like(out)
     out.backward(grad)

@@ -428,6 +428,12 @@ class ExpertLayout:
         """(E, ...) -> (N, ...): each row's expert's entry."""
         return values.index_select(0, self.rows.local_expert)
 
+    def expert_segments(self) -> list[int] | None:
+        """The rows of each expert, in order, where the layout's rows are sorted by expert with
+        exact sizes: a per-expert value can then broadcast within each segment instead of being
+        gathered to every row (`per_expert`). None on the sync-free path (sizes stay on the device)."""
+        return self.rows.counts
+
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError(type(self).__name__)
 
@@ -531,6 +537,9 @@ class PaddedLayout(ExpertLayout):
 
     def per_expert(self, values: torch.Tensor) -> torch.Tensor:
         return values.unsqueeze(1)  # (E, 1, ...)
+
+    def expert_segments(self) -> None:
+        return None  # (E, C, ·) blocks: `per_expert` already broadcasts
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if bias is None:

@@ -281,7 +281,9 @@ class HyperbolicExperts(ExpertGroup):
             columns = layout.gather(lorentz.time_columns(point, kappa))  # and its time column, gathered to rows
             weights = {name: weight.float() for name, weight in self._expert_weights().items()}
             row_weight = None if row_weight is None else row_weight.float()
-            output = self._layers(columns, kappa, weights, layout.linear, layout.per_expert, row_weight)
+            output = self._layers(
+                columns, kappa, weights, layout.linear, layout.per_expert, row_weight, layout.expert_segments()
+            )
         return output.to(tokens.dtype)  # (layout, d)
 
     def matmul_widths(self) -> tuple[int, ...]:
@@ -289,13 +291,15 @@ class HyperbolicExperts(ExpertGroup):
         inputs = lorentz.augmented_width(self.hidden_size), lorentz.augmented_width(self.intermediate_size)
         return (*inputs, 2 * self.intermediate_size, self.hidden_size)
 
-    def _layers(self, columns, kappa, weights, linear_fn, per_expert, row_weight=None) -> torch.Tensor:
+    def _layers(self, columns, kappa, weights, linear_fn, per_expert, row_weight=None, segments=None) -> torch.Tensor:
         """The experts' layers (class docstring) on points given by their `lorentz.time_columns` (..., ·), in float32.
 
         weights: one expert's (matrices (out, in), vectors (out,)), with linear_fn = F.linear and
         per_expert the identity; or all experts' (E, out, in), (E, out), with an expert layout's
         linear and per_expert. row_weight (..., 1): routing weights that multiply the output
-        within the log map (default 1).
+        within the log map (default 1). segments: rows per expert where the layout sorts them by
+        expert with exact sizes (`ExpertLayout.expert_segments`; the Poincaré layers then broadcast
+        their per-expert scales within each expert's rows).
         """
         clip = lorentz.clip_radius
         if self.geometry == "lorentz":
@@ -306,10 +310,10 @@ class HyperbolicExperts(ExpertGroup):
             output = lorentz.columns_linear(inner, *second, linear_fn)  # (..., d)
             return lorentz.log_map0(output, kappa, clip=True, scale=row_weight)
         first = weights["gate_up_proj"], weights["gate_up_bias"]
-        gate_up = poincare.fc_lifted_columns(columns, *first, kappa, linear_fn, per_expert)  # (..., 2f)
+        gate_up = poincare.fc_lifted_columns(columns, *first, kappa, linear_fn, per_expert, segments)  # (..., 2f)
         inner = gated_columns(gate_up, self.act_fn, kappa)  # time columns of clip(act(g) ⊙ u), (..., ·)
         second = weights["down_proj"], weights["down_bias"]
-        output = poincare.fc_lifted_columns(inner, *second, kappa, linear_fn, per_expert)  # (..., d)
+        output = poincare.fc_lifted_columns(inner, *second, kappa, linear_fn, per_expert, segments)  # (..., d)
         # The ball's log_0 of the output point is half the hyperboloid's log_o of its image.
         half = torch.full((), 0.5, dtype=output.dtype, device=output.device)
         return lorentz.log_map0(output, kappa, clip=True, scale=half if row_weight is None else half * row_weight)

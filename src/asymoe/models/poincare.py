@@ -21,6 +21,9 @@ inputs and shifts ≤ asinh(2^15) (lorentz.SINH_MAX).
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -89,18 +92,33 @@ def _follows_rows(a: torch.Tensor, tensor: torch.Tensor) -> bool:
     return a.dim() > 1 and tensor.dim() == a.dim() and tensor.shape[0] == a.shape[0] > 1
 
 
-def _blocks(a: torch.Tensor, *tensors: torch.Tensor):
-    """(a's block, each tensor's block) along dim 0: ~BLOCK_ELEMENTS entries each on CPU, one block
-    elsewhere. A tensor that broadcasts along a's dim 0 is passed whole (`_follows_rows`)."""
+def _row_blocks(a: torch.Tensor, segments: Sequence[int] | None):
+    """(rows, expert) pairs cutting a's dim 0 into blocks of ~BLOCK_ELEMENTS entries on CPU, one
+    block elsewhere. With `segments` (a's rows per expert, in order) no block crosses an expert's
+    rows and `expert` names its expert; otherwise it is None."""
     if a.dim() < 2:
-        yield a, list(tensors)
+        yield ..., None
         return
     rows = a.shape[0]
-    row_size = a.numel() // max(1, rows)
-    step = max(1, rows if a.device.type != "cpu" else BLOCK_ELEMENTS // max(1, row_size))
-    for first in range(0, rows, step):
-        block = slice(first, first + step)
-        yield a[block], [t[block] if _follows_rows(a, t) else t for t in tensors]
+    cpu_step = max(1, BLOCK_ELEMENTS // max(1, a.numel() // max(1, rows)))
+    if segments is None:
+        spans = [(0, rows, None)]
+    else:
+        ends = list(itertools.accumulate(segments))
+        assert not ends or ends[-1] == rows, f"segments cover {ends[-1]} rows of {rows}"
+        spans = [(end - count, end, e) for e, (count, end) in enumerate(zip(segments, ends)) if count]
+    for first, end, expert in spans:
+        step = cpu_step if a.device.type == "cpu" else max(1, end - first)
+        for start in range(first, end, step):
+            yield slice(start, min(start + step, end)), expert
+
+
+def _scale_block(scale: torch.Tensor, a: torch.Tensor, rows, expert: int | None) -> torch.Tensor:
+    """The part of `scale` that a's block `rows` meets (a view): its expert's row (1, ...) of a
+    per-expert scale, its rows of a scale sliced with a's rows, or the whole broadcast scale."""
+    if expert is not None:
+        return scale[expert : expert + 1]
+    return scale[rows] if _follows_rows(a, scale) else scale
 
 
 class _SinhOfScaledAsinh(torch.autograd.Function):
@@ -122,11 +140,15 @@ class _SinhOfScaledAsinh(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, scale: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, a: torch.Tensor, scale: torch.Tensor, k: torch.Tensor, segments: Sequence[int] | None = None
+    ) -> torch.Tensor:
         out, signed_log, twice_cosh, inverse_t = (torch.empty_like(a) for _ in range(4))
         one = torch.ones((), dtype=a.dtype, device=a.device)
-        for a_block, (scale_block, *saved) in _blocks(a, scale, out, signed_log, twice_cosh, inverse_t):
-            out_block, log_term, m, inverse_t_block = saved  # log_term and m: scratch, then saved values
+        for rows, expert in _row_blocks(a, segments):
+            a_block, scale_block = a[rows], _scale_block(scale, a, rows, expert)
+            # log_term and m: scratch, then saved values
+            out_block, log_term, m, inverse_t_block = out[rows], signed_log[rows], twice_cosh[rows], inverse_t[rows]
             u = torch.abs(a_block, out=out_block)
             t = torch.hypot(u, one, out=m)
             torch.reciprocal(t, out=inverse_t_block)
@@ -147,6 +169,7 @@ class _SinhOfScaledAsinh(torch.autograd.Function):
                 twice_cosh_block.mul_(inside)  # no gradient through the clamp
             log_term.copysign_(a_block)
         ctx.save_for_backward(signed_log, twice_cosh, inverse_t, scale, k, out)
+        ctx.segments = segments
         return out
 
     @staticmethod
@@ -155,32 +178,26 @@ class _SinhOfScaledAsinh(torch.autograd.Function):
         half_k = 0.5 * k
         grad_a = torch.empty_like(grad)
         grad_scale = torch.zeros_like(scale) if ctx.needs_input_grad[1] else None
-        # A scale sliced with the rows gets its gradient block by block; a broadcast one sums over blocks.
-        sliced_scale = _follows_rows(grad, scale)
-        for grad_block, (
-            cosh_block,
-            log_block,
-            inverse_t_block,
-            scale_block,
-            grad_a_block,
-            grad_scale_block,
-        ) in _blocks(
-            grad, twice_cosh, signed_log, inverse_t, scale, grad_a, scale if grad_scale is None else grad_scale
-        ):
-            grad_cosh = torch.mul(grad_block, cosh_block, out=grad_a_block)
+        # A scale sliced with the rows gets its gradient block by block; a broadcast or per-expert one
+        # sums over the blocks that meet it.
+        sliced_scale = ctx.segments is None and _follows_rows(grad, scale)
+        for rows, expert in _row_blocks(grad, ctx.segments):
+            grad_block, scale_block, grad_a_block = grad[rows], _scale_block(scale, grad, rows, expert), grad_a[rows]
+            grad_cosh = torch.mul(grad_block, twice_cosh[rows], out=grad_a_block)
             if grad_scale is not None:
-                partial = (grad_cosh * log_block).sum_to_size(scale_block.shape)
+                partial = (grad_cosh * signed_log[rows]).sum_to_size(scale_block.shape)
+                grad_scale_block = _scale_block(grad_scale, grad, rows, expert)
                 if sliced_scale:
                     grad_scale_block.copy_(partial)
                 else:
                     grad_scale_block.add_(partial)
-            grad_cosh.mul_(inverse_t_block).mul_(scale_block * half_k)  # grad_a's block
+            grad_cosh.mul_(inverse_t[rows]).mul_(scale_block * half_k)  # grad_a's block
         if grad_scale is not None:
             grad_scale.mul_(half_k)
         grad_k = None
         if ctx.needs_input_grad[2]:
             grad_k = (torch.dot(grad.reshape(-1), out.reshape(-1)) / k.reshape(())).reshape(k.shape)
-        return grad_a, grad_scale, grad_k
+        return grad_a, grad_scale, grad_k, None
 
 
 def hyperplane_distance(
@@ -219,11 +236,18 @@ def fc_lifted_columns(
     curvature: Curvature,
     linear_fn=F.linear,
     per_expert=identity,
+    segments: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """`fc_lifted` on the input's `lorentz.time_columns` (which an expert layout may form per token)."""
-    argument, scale = _hyperplane_asinh_terms(columns, weight, offset, curvature, linear_fn, per_expert)
+    """`fc_lifted` on the input's `lorentz.time_columns` (which an expert layout may form per token).
+
+    segments: the rows of each expert, in order, where the rows are sorted by expert with exact
+    sizes (`ExpertLayout.expert_segments`); the per-expert scale 2‖z_k‖ then stays (E, out) and
+    broadcasts within each expert's rows, instead of `per_expert` gathering it to every row.
+    """
+    per_row = identity if segments is not None else per_expert
+    argument, scale = _hyperplane_asinh_terms(columns, weight, offset, curvature, linear_fn, per_row)
     inverse_sqrt_c = torch.as_tensor(curvature, dtype=argument.dtype, device=argument.device) ** -0.5
-    return _SinhOfScaledAsinh.apply(argument, scale, inverse_sqrt_c)
+    return _SinhOfScaledAsinh.apply(argument, scale, inverse_sqrt_c, segments)
 
 
 def fc(x: torch.Tensor, weight: torch.Tensor, offset: torch.Tensor, curvature: Curvature) -> torch.Tensor:
