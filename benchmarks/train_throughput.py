@@ -1,9 +1,10 @@
 """Training throughput: dense vs vanilla MoE vs AsyMoE vs transformers' MixtralForCausalLM, in activated TFLOP/s.
 
 Each model trains under FSDP2 (`fully_shard` per decoder layer, then the root) in a one-process
-group on one device, with AdamW, on synthetic LLaVA-shaped batches: per sample `--image-tokens`
-image positions followed by `--text-tokens` text positions (the last `--answer-tokens` of them are
-answers; image + prompt positions are evidence). What is timed and what is not:
+group on one device, with AdamW (fused where torch has the kernel, as training picks it), on
+synthetic LLaVA-shaped batches: per sample `--image-tokens` image positions followed by
+`--text-tokens` text positions (the last `--answer-tokens` of them are answers; image + prompt
+positions are evidence). What is timed and what is not:
 
 - dense, vanilla MoE and AsyMoE run `VisionLanguageModel.forward` with `image_features` given: random
   projected image features are spliced at the placeholders, so the LM, its MoE blocks and the
@@ -281,7 +282,10 @@ def run_one(kind: str, p: dict, args) -> dict:
     for layer in layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
-    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    from asymoe.training.module import fused_adamw
+
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused_adamw(None, params))  # as training builds it
     generator = torch.Generator().manual_seed(0)
     batch = synthetic_batch(p, p["hidden"], device, generator)
 
@@ -392,7 +396,7 @@ def write_report(rows: list[dict], p: dict, args, load: tuple) -> str:
         f"LM d={p['hidden']}, f={p['intermediate']}, {p['layers']} layers, {p['heads']} heads ({p['kv_heads']} KV), "
         f"vocab {p['vocab']}; batch {p['batch']} × ({p['image_tokens']} image + {p['text_tokens']} text tokens); "
         f"{'fp32' if rows[0]['device'] == 'cpu' else 'bf16 params (FSDP2 MixedPrecisionPolicy), fp32 reduce'}; "
-        f"FSDP2 fully_shard per decoder layer + root, 1 process; AdamW; "
+        "FSDP2 fully_shard per decoder layer + root, 1 process; AdamW (fused, as `optim.fused: null` picks); "
         f"median of {p['steps']} steps after {p['warmup']} warm-up; the median of {args.rounds} interleaved "
         "rounds (each model once per round, in its own process).",
         "",

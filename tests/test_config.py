@@ -75,6 +75,8 @@ BAD = [
         "",
     ),
     (["model.moe.groups.vision.kind=evidence"], "kind='evidence' is only valid for the language group", ""),
+    (["model.vision.mean={a: 1}"], "key 'model.vision.mean' needs a list, got {'a': 1}", ""),  # an optional list
+    (["optim.fused=maybe"], "key 'optim.fused' has a wrong value 'maybe'", "not a valid bool"),
 ]
 
 

@@ -89,3 +89,31 @@ def test_logging_switches(tiny_overrides):
     metrics = fit(cfg)
     assert not Path(cfg.output_dir, "tb").exists()
     assert 0.0 <= metrics["test/accuracy"] <= 1.0
+
+
+def test_adamw_runs_fused_where_torch_has_the_kernel(tiny_overrides):
+    """optim.fused: null takes AdamW's fused kernel on CPU, keeping every parameter group's settings;
+    true and false are obeyed; a device or dtype without the kernel gets the loop."""
+    import lightning as L
+    import torch
+
+    from asymoe.training.module import fused_adamw
+
+    seen = {}
+
+    class Optimizer(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            optimizer = trainer.optimizers[0]
+            seen["fused"] = optimizer.defaults["fused"]
+            seen["groups"] = {group["name"]: (group["lr"], group["weight_decay"]) for group in optimizer.param_groups}
+            seen["fused_groups"] = {group.get("fused") for group in optimizer.param_groups}
+
+    cfg = config_lib.load("moiie", [*tiny_overrides, "optim.lr_router=0.004", "optim.weight_decay=0.05"])
+    fit(cfg, callbacks=[Optimizer()])
+    assert seen["fused"] is True and seen["fused_groups"] == {True}
+    assert seen["groups"]["lm"][1] == 0.05 and seen["groups"]["lm_no_decay"][1] == 0.0
+    assert seen["groups"]["router"][0] == pytest.approx(seen["groups"]["lm"][0] * 0.004 / cfg.optim.lr)
+    cpu, meta = torch.zeros(2), torch.zeros(2, device="meta")
+    assert fused_adamw(None, [cpu]) and not fused_adamw(None, [cpu, meta])
+    assert not fused_adamw(None, [torch.zeros(2, dtype=torch.long)])
+    assert fused_adamw(True, [meta]) and not fused_adamw(False, [cpu])

@@ -252,6 +252,10 @@ class OptimConfig:
     warmup_steps: int = 100
     # Cosine decays to min_lr_ratio * lr.
     min_lr_ratio: float = 0.1
+    # AdamW's fused kernel (all parameters of a device updated in one pass): null = where torch has
+    # it for every parameter's device (CPU, CUDA); true = always (torch refuses other devices);
+    # false = torch's default loop (per tensor on CPU, foreach on CUDA).
+    fused: bool | None = None
 
 
 @dataclass
@@ -364,8 +368,12 @@ def is_section(key: str) -> bool:
 
 
 def container_type(key: str) -> type | None:
-    """dict for a section or a mapping field, list for a list field, None for a scalar or unknown key."""
+    """dict for a section or a mapping field, list for a list field (`list[float] | None` too), None
+    for a scalar or unknown key."""
     hint = _field_hint(key)
+    if get_origin(hint) in (typing.Union, types.UnionType):  # an optional field: what it holds when set
+        inner = [arg for arg in get_args(hint) if arg is not type(None)]
+        hint = inner[0] if len(inner) == 1 else hint
     if is_dataclass(hint) or hint is dict or get_origin(hint) is dict:
         return dict
     return list if hint is list or get_origin(hint) is list else None

@@ -185,8 +185,25 @@ class VLMModule(L.LightningModule):
                     param_groups.append(
                         {"params": params, "lr": lrs[group], "weight_decay": weight_decay, "name": group + suffix}
                     )
-        optimizer = torch.optim.AdamW(param_groups, betas=tuple(optim.betas))
+        params = [param for group in param_groups for param in group["params"]]
+        fused = fused_adamw(optim.fused, params)
+        optimizer = torch.optim.AdamW(param_groups, betas=tuple(optim.betas), fused=fused)
         return warmup_cosine(optimizer, self.trainer.estimated_stepping_batches, optim)
+
+
+# Devices whose parameters torch's fused AdamW updates (`optim.fused: null` uses it where every
+# parameter is on one of them). Measured on a 2-core CPU (2026-12-01, 5 steps x 7 interleaved
+# rounds): one step over AsyMoE's small-preset LM, 3.35 M parameters in 81 tensors, 4.7 ms fused
+# against 17.2 ms for the per-tensor loop (15.6 ms foreach); dense 1.31 M: 1.8 vs 7.7 ms.
+FUSED_ADAMW_DEVICES = frozenset({"cpu", "cuda"})
+
+
+def fused_adamw(setting: bool | None, params: list[torch.Tensor]) -> bool:
+    """Whether AdamW runs its fused kernel: `optim.fused`, or (null) where every parameter is a
+    floating-point tensor on a device of FUSED_ADAMW_DEVICES."""
+    if setting is not None:
+        return setting
+    return all(param.device.type in FUSED_ADAMW_DEVICES and param.is_floating_point() for param in params)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, stepping_batches: float, optim) -> dict:
