@@ -219,6 +219,31 @@ def test_a_rank_started_with_rank_0_leaves_the_run_directory_to_it(tmp_path, mon
     assert (run_dir / "config.yaml").is_file() and math.isfinite(metrics["train/loss"])
 
 
+def test_a_rank_overwriting_a_run_never_reads_the_old_runs_tokenizer(tmp_path, monkeypatch):
+    """With --overwrite, a rank other than 0 may reach the data before rank 0 has cleared the
+    directory: it builds the tokenizer from the data, as rank 0 does, not from the old run's file."""
+    from asymoe.data.tokenizer import WordTokenizer
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"old")
+    WordTokenizer([*WordTokenizer.SPECIALS, "stale"]).save(run_dir)  # the old run's, other data
+    seen = {}
+
+    class Vocabulary(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            seen["vocab"] = list(pl_module.tokenizer.vocab)
+            raise _Stopped
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    cfg = config_lib.load("asymoe", TINY + [f"output_dir={run_dir}"])
+    with pytest.raises(_Stopped):
+        fit(cfg, callbacks=[Vocabulary()], overwrite=True)
+    assert "stale" not in seen["vocab"] and len(seen["vocab"]) > len(WordTokenizer.SPECIALS) + 1
+    assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == b"old"  # rank 1 cleared nothing
+
+
 def test_overwrite_clears_a_started_run_and_refuses_with_resume(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)

@@ -106,7 +106,9 @@ def fit(cfg: Config, callbacks: list | None = None, overwrite: bool = False) -> 
         tokenizer = module.tokenizer
     else:
         datamodule = VQADataModule(cfg)
-        tokenizer = datamodule.prepare(run_dir)
+        # A run being overwritten lends nothing: another rank may get here before rank 0 has
+        # cleared the directory, and must not load the old run's tokenizer from it.
+        tokenizer = datamodule.prepare(None if overwrite else run_dir)
         module = VLMModule(cfg, tokenizer)
         datamodule.encode(module.model.num_image_tokens)
     resume, resume_metadata = resume_checkpoint(cfg, run_dir, MODEL_CONFIG_KEY)
