@@ -12,6 +12,7 @@ The override syntax lives here alone: :func:`parse_overrides` reads ``key.sub=va
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import json
@@ -242,7 +243,20 @@ def save(cfg: Config, path: str | os.PathLike) -> None:
 
 
 def to_dict(cfg: Config) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+    """The config as plain dicts and lists, as `OmegaConf.to_container` of it gives them, by a direct
+    walk over its dataclasses (a loaded config holds no interpolations): 0.26 s a config through
+    OmegaConf under a profiler, which a grid's validation paid for every cell."""
+    return _plain(cfg)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {item.name: _plain(getattr(value, item.name)) for item in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 def switched_hparams(cfg: Config) -> dict:
