@@ -134,9 +134,11 @@ class _SinhOfScaledAsinh(torch.autograd.Function):
         out = sign(a)·sinh(s·L)·k,  sinh(x) = (m + m/(1 + m))/2, cosh(x) = (1 + m + 1/(1 + m))/2, m = expm1(x),
         ∂out/∂a = cosh(sL)·s·k/t,  ∂out/∂s = sign(a)·cosh(sL)·L·k,  ∂out/∂k = out/k.
     torch's sinh, cosh and asinh are slow on CPU (6.5x, 3.1x and 5.8x the time of exp on 8M
-    elements). s broadcasts against a (per-expert scales, > 0); its gradient is summed back to its
-    shape. On CPU the clamp's work is skipped in a block whose largest s·L is inside it (a host read
-    costs nothing there); elsewhere it is always done, so that nothing synchronises.
+    elements). s (> 0) broadcasts against a, its gradient summed back to its shape; or, with
+    `segments` (a's rows per expert, rows sorted by expert), s is (E, outputs), one row per expert,
+    each block within one expert's rows broadcasting that row. On CPU the clamp's work is skipped
+    in a block whose largest s·L is inside it (a host read costs nothing there); elsewhere it is
+    always done, so that nothing synchronises.
     """
 
     @staticmethod
