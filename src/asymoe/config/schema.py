@@ -357,9 +357,14 @@ def choices(key: str) -> tuple[str, ...] | None:
     """The valid values of a dotted key (`model.moe.routing.mode`, `...balance_modalities[0]`), if it is a choice."""
     hint = _field_hint(key)
     if get_origin(hint) in (list, typing.Union, types.UnionType):  # list[Literal[...]], Literal[...] | None
-        inner = [arg for arg in get_args(hint) if arg is not type(None)]
-        hint = inner[0] if len(inner) == 1 else hint
+        hint = _only_argument(hint)
     return get_args(hint) if get_origin(hint) is Literal else None
+
+
+def _only_argument(hint: Any) -> Any:
+    """X for list[X], X | None and Optional[X]; the hint itself when it has several arguments."""
+    inner = [arg for arg in get_args(hint) if arg is not type(None)]
+    return inner[0] if len(inner) == 1 else hint
 
 
 def is_section(key: str) -> bool:
@@ -372,8 +377,7 @@ def container_type(key: str) -> type | None:
     for a scalar or unknown key."""
     hint = _field_hint(key)
     if get_origin(hint) in (typing.Union, types.UnionType):  # an optional field: what it holds when set
-        inner = [arg for arg in get_args(hint) if arg is not type(None)]
-        hint = inner[0] if len(inner) == 1 else hint
+        hint = _only_argument(hint)
     if is_dataclass(hint) or hint is dict or get_origin(hint) is dict:
         return dict
     return list if hint is list or get_origin(hint) is list else None
