@@ -200,6 +200,13 @@ class _Stopped(Exception):
     pass
 
 
+def _play_rank_1(monkeypatch) -> None:
+    """This process plays rank 1: the rank a launcher sets (read by is_first_process) and the rank
+    Lightning's rank-zero-only logging reads from it at import."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+
+
 def test_a_rank_started_with_rank_0_leaves_the_run_directory_to_it(tmp_path, monkeypatch):
     """Ranks a launcher starts together (torchrun, SLURM) reach `fit`'s writes before or after rank 0
     claims the directory. Rank 1 used to write config.yaml too: rank 0, arriving second, then found a
@@ -207,10 +214,7 @@ def test_a_rank_started_with_rank_0_leaves_the_run_directory_to_it(tmp_path, mon
     hung on it). Rank 1 goes up to training, then rank 0 claims the directory and trains."""
     run_dir = tmp_path / "run"
     overrides = TINY + [f"output_dir={run_dir}"]
-    # One process plays rank 1 up to training: the rank a launcher sets (read by is_first_process)
-    # and the rank Lightning's rank-zero-only logging reads from it at import.
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    _play_rank_1(monkeypatch)  # up to training
     with pytest.raises(_Stopped):
         fit(config_lib.load("asymoe", overrides), callbacks=[_StopAtFitStart()])
     assert not holds_a_run(run_dir), sorted(p.name for p in run_dir.iterdir())
@@ -235,8 +239,7 @@ def test_a_rank_overwriting_a_run_never_reads_the_old_runs_tokenizer(tmp_path, m
             seen["vocab"] = list(pl_module.tokenizer.vocab)
             raise _Stopped
 
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    _play_rank_1(monkeypatch)
     cfg = config_lib.load("asymoe", TINY + [f"output_dir={run_dir}"])
     with pytest.raises(_Stopped):
         fit(cfg, callbacks=[Vocabulary()], overwrite=True)
